@@ -1,0 +1,8 @@
+"""Loss-spike stabilization for megatron-core GPT models.
+
+Adds the fixes of "Spike No More" (Takase et al., arXiv 2312.16903) and WeSaR
+(Nishida et al., EMNLP 2024) as typed config fields on top of megatron-core's GPTModel.
+Every option defaults to upstream behaviour.
+"""
+
+__version__ = "0.1.0"

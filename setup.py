@@ -1,0 +1,27 @@
+"""Install the megatron_patch package: loss-spike fixes ("Spike No More", WeSaR) on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-patch",
+    version="0.1.0",
+    description="Loss-spike stabilization (Spike No More, WeSaR) for megatron-core GPT pre-training",
+    packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
+    python_requires=">=3.10,<3.12",
+    install_requires=[
+        # 0.16.1 is the newest megatron-core that installs on Python 3.11 (0.17+ needs 3.12).
+        "megatron-core==0.16.1",
+        # Any torch 2.x satisfies this, including the on-disk 2.13.0 CPU wheel: nothing new is pulled.
+        "torch>=2.4,<3",
+        "numpy",
+        "sentencepiece>=0.2",
+        # dist_checkpointing needs psutil but megatron-core does not declare it.
+        "psutil",
+    ],
+    extras_require={
+        "wandb": ["wandb==0.31.0"],
+        "tensorboard": ["tensorboard"],
+        "deepspeed": ["deepspeed==0.19.8"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib"],
+    },
+)
