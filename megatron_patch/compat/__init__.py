@@ -1,0 +1,1 @@
+"""Adaptations that let unmodified megatron-core run where it otherwise could not (CPU)."""
