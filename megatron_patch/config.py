@@ -1,0 +1,175 @@
+"""Typed stabilization options on top of megatron-core's TransformerConfig.
+
+Every field defaults to upstream behaviour: `StabilityConfig()` with no new field set builds the
+exact model stock megatron-core builds. References:
+  [SNM]   Takase et al., "Spike No More: Stabilizing the Pre-training of LLMs", arXiv 2312.16903.
+  [WeSaR] Nishida et al., "Initialization of LLMs via Reparameterization to Mitigate Loss
+          Spikes", EMNLP 2024 (arXiv 2410.05052).
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+
+class StabilityConfigError(ValueError):
+    """A combination of options that makes no sense; the message says which and what to do."""
+
+
+@dataclass
+class StabilityConfig(TransformerConfig):
+    """TransformerConfig plus the loss-spike fixes of [SNM] and [WeSaR]."""
+
+    init_style: Literal["scaled", "plain"] = "scaled"
+    """[SNM] §3.1. "scaled" (upstream): W_O of attention and W_2 of the FFN use
+    sigma/sqrt(2N), N = num_layers, which keeps each residual branch small. "plain": every weight
+    matrix uses sigma, so each branch output has std close to 1 and the residual stream grows
+    layer after layer (the baseline the paper argues against)."""
+
+    small_init: bool = False
+    """[SNM] §2 / Nguyen & Salazar: sigma = sqrt(2 / (5 d)), d = hidden_size, instead of
+    init_method_std. Also the embedding std unless embedding_init_method_std is given."""
+
+    scaled_embed: bool = False
+    """[SNM] §4 "Scaled Embed": multiply the embedding output by sqrt(d) so that the input of
+    the first LayerNorm has std near 1 (sqrt(2/5) for small init) and the LN Jacobian, which is
+    proportional to 1/std(input) ([SNM] Eq. 9-10), no longer amplifies gradients."""
+
+    embed_layernorm: bool = False
+    """[SNM] §4 "Embed LN": a LayerNorm (the model's normalization type, fp32 parameters like
+    the other norms) on the embedding output, making its std 1 from the first step."""
+
+    embed_detach_alpha: Optional[float] = None
+    """[SNM] baseline "Embed Detach" (GLM-130B's embedding gradient shrink): the embedding output
+    e becomes gamma*e + (1-gamma)*e.detach(); the forward is unchanged and the gradient reaching
+    the embedding tables is multiplied by gamma (GLM uses 0.1). None = off."""
+
+    wesar: bool = False
+    """[WeSaR] §3: every weight matrix W of attention (QKV, output) and FFN (fc1, fc2) gets a
+    trainable scalar gate alpha and the layer uses W_bar = alpha * W. All W are initialised with
+    the common std `wesar_init_std`; alpha = target_std / wesar_init_std, where target_std is what
+    init_style/small_init ask for, so W_bar starts exactly as the plain scheme would."""
+
+    wesar_init_std: Optional[float] = None
+    """[WeSaR] the common std of every gated W. None = init_method_std (so the gates of QKV/fc1
+    start at 1 and those of W_O/W_2 at 1/sqrt(2N) under scaled init)."""
+
+    def __post_init__(self):
+        self._validate_stability_options()
+        if self.small_init:
+            self.init_method_std = math.sqrt(2.0 / (5.0 * self.hidden_size))
+        if self.embedding_init_method_std is None:
+            self.embedding_init_method_std = self.init_method_std
+        if self.init_style == "plain" and self.output_layer_init_method is None:
+            # Same std for W_O / W_2 as for every other matrix: no 1/sqrt(2N) ([SNM] §3.1).
+            self.output_layer_init_method = init_method_normal(self.init_method_std)
+        if self.wesar and self.wesar_init_std is None:
+            self.wesar_init_std = self.init_method_std
+        super().__post_init__()
+
+    # ----- derived quantities used by the model builder -----
+    @property
+    def embedding_fix(self) -> Optional[str]:
+        """Which [SNM] embedding treatment is on: "scale", "layernorm", "detach" or None."""
+        if self.scaled_embed:
+            return "scale"
+        if self.embed_layernorm:
+            return "layernorm"
+        if self.embed_detach_alpha is not None:
+            return "detach"
+        return None
+
+    @property
+    def output_layer_target_std(self) -> float:
+        """Std the init scheme asks for W_O / W_2: sigma/sqrt(2N) (scaled) or sigma (plain)."""
+        if self.init_style == "plain":
+            return self.init_method_std
+        return self.init_method_std / math.sqrt(2.0 * self.num_layers)
+
+    @property
+    def uses_stability_options(self) -> bool:
+        return bool(
+            self.embedding_fix or self.wesar or self.init_style != "scaled" or self.small_init
+        )
+
+    def _validate_stability_options(self):
+        def fail(msg):
+            raise StabilityConfigError(msg)
+
+        if self.init_style not in ("scaled", "plain"):
+            fail(f"init_style must be 'scaled' or 'plain', got {self.init_style!r}")
+        fixes = [name for name, on in (
+            ("scaled_embed", self.scaled_embed),
+            ("embed_layernorm", self.embed_layernorm),
+            ("embed_detach_alpha", self.embed_detach_alpha is not None),
+        ) if on]
+        if len(fixes) > 1:
+            fail(f"choose one embedding treatment, not {' + '.join(fixes)}")
+        if self.embed_detach_alpha is not None and not 0.0 < self.embed_detach_alpha <= 1.0:
+            fail(f"embed_detach_alpha must be in (0, 1], got {self.embed_detach_alpha}")
+        if self.scaled_embed and (self.embedding_init_method_std or 0.0) >= 0.5:
+            fail("scaled_embed multiplies the embeddings by sqrt(d), and embedding_init_method_std="
+                 f"{self.embedding_init_method_std} already makes them std ~1: use one or the other")
+        if self.init_style == "plain" and self.output_layer_init_method is not None:
+            fail("init_style='plain' sets output_layer_init_method itself; do not pass both")
+        if self.wesar and self.wesar_init_std is not None and self.wesar_init_std <= 0:
+            fail(f"wesar_init_std must be > 0, got {self.wesar_init_std}")
+        if self.wesar and self.gradient_accumulation_fusion:
+            fail("wesar computes alpha*W on the fly; turn off gradient_accumulation_fusion")
+        if self.uses_stability_options:
+            uncovered = [name for name, on in (
+                ("multi_latent_attention (MLA)", self.multi_latent_attention),
+                ("mtp_num_layers (multi-token prediction)", bool(self.mtp_num_layers)),
+                ("num_moe_experts (MoE)", bool(self.num_moe_experts)),
+            ) if on]
+            if uncovered:
+                fail(f"the stabilization options do not cover {', '.join(uncovered)}; "
+                     "turn those off or run without the options")
+
+
+# ---------------------------------------------------------------- command line
+def add_stability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The new flags of this package, in their own --help group."""
+    g = parser.add_argument_group(
+        "stabilization (Spike No More, WeSaR)",
+        "Loss-spike fixes; all off by default (then the model equals stock megatron-core).",
+    )
+    g.add_argument("--scaled-embed", action="store_true",
+                   help="Scaled Embed: multiply the embedding output by sqrt(hidden size).")
+    g.add_argument("--embed-layernorm", action="store_true",
+                   help="Embed LN: LayerNorm on the embedding output before the first layer.")
+    g.add_argument("--embed-detach-alpha", type=float, nargs="?", const=0.1, default=None,
+                   metavar="G", help="Embed Detach: shrink the embedding gradient by G (default 0.1).")
+    g.add_argument("--init-style", choices=["scaled", "plain"], default="scaled",
+                   help="scaled (upstream): W_O, W_2 at sigma/sqrt(2N); plain: every matrix sigma.")
+    g.add_argument("--small-init", action="store_true",
+                   help="sigma = sqrt(2/(5*hidden size)) instead of --init-method-std.")
+    g.add_argument("--wesar", action="store_true",
+                   help="WeSaR: trainable scalar gate per weight matrix, W_bar = alpha * W.")
+    g.add_argument("--wesar-init-std", type=float, default=None,
+                   help="Common init std of every gated matrix (default: the init std).")
+    g.add_argument("--no-embedding-weight-decay", action="store_true",
+                   help="Exclude the embedding tables from weight decay.")
+    return parser
+
+
+def stability_kwargs(args: argparse.Namespace) -> dict:
+    """StabilityConfig fields from parsed args. Raises StabilityConfigError on contradictions."""
+    # The trainer leaves --init-method-std at None unless given, so the conflict is visible.
+    if args.small_init and getattr(args, "init_method_std", None) is not None:
+        raise StabilityConfigError("--small-init sets sigma itself; drop --init-method-std")
+    if args.wesar_init_std is not None and not args.wesar:
+        raise StabilityConfigError("--wesar-init-std needs --wesar")
+    return dict(
+        init_style=args.init_style,
+        small_init=args.small_init,
+        scaled_embed=args.scaled_embed,
+        embed_layernorm=args.embed_layernorm,
+        embed_detach_alpha=args.embed_detach_alpha,
+        wesar=args.wesar,
+        wesar_init_std=args.wesar_init_std,
+    )

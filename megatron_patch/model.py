@@ -1,0 +1,118 @@
+"""One builder for the stabilized GPT model, used by the trainer, the tools and the tests.
+
+build_gpt_model = megatron-core's GPTModel, built from upstream's layer spec with three possible
+substitutions, each only when its option asks for it:
+  - WeSaR linears for QKV / proj / fc1 / fc2 (config.wesar), via the spec's submodules;
+  - a sequence-parallel-capable torch norm when sequence_parallel is on and apex is absent;
+  - the [SNM] embedding stabilizer, attached to the embedding after build.
+With no option on, the spec and the model are exactly upstream's.
+"""
+
+import copy
+from typing import Optional
+
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from .config import StabilityConfig, StabilityConfigError
+from .embedding import attach_embedding_stabilizer
+from .norm import LNImpl, local_norm_class
+from .wesar import WeSaRColumnParallelLinear, WeSaRRowParallelLinear
+
+try:
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+def default_transformer_impl() -> str:
+    """Transformer Engine's spec on a GPU machine that has it, else megatron-core's local spec."""
+    return "transformer_engine" if HAVE_TE and torch.cuda.is_available() else "local"
+
+
+def _gate(module_cls, target_std: float) -> ModuleSpec:
+    return ModuleSpec(module=module_cls, params={"wesar_target_std": target_std})
+
+
+def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", vp_stage=None):
+    """Layer (or block) spec for GPTModel honouring the stabilization options."""
+    if transformer_impl == "transformer_engine":
+        if not HAVE_TE:
+            raise StabilityConfigError("transformer_impl='transformer_engine' needs Transformer Engine installed")
+        if config.wesar:
+            raise StabilityConfigError("--wesar gates megatron-core's own linear layers: use --transformer-impl local")
+        return get_gpt_layer_with_transformer_engine_spec(
+            normalization=config.normalization, qk_layernorm=config.qk_layernorm
+        )
+    if transformer_impl != "local":
+        raise StabilityConfigError(f"unknown transformer_impl {transformer_impl!r}; use 'local' or 'transformer_engine'")
+
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    norm = local_norm_class(config)
+    if not config.wesar and norm is LNImpl:
+        return spec  # exactly upstream
+
+    spec = copy.deepcopy(spec)
+    layer = spec.submodules
+    if norm is not LNImpl:
+        layer.input_layernorm = norm
+        layer.pre_mlp_layernorm = norm
+    if config.wesar:
+        sigma, sigma_out = config.init_method_std, config.output_layer_target_std
+        attention, mlp = layer.self_attention.submodules, layer.mlp.submodules
+        attention.linear_qkv = _gate(WeSaRColumnParallelLinear, sigma)
+        attention.linear_proj = _gate(WeSaRRowParallelLinear, sigma_out)
+        mlp.linear_fc1 = _gate(WeSaRColumnParallelLinear, sigma)
+        mlp.linear_fc2 = _gate(WeSaRRowParallelLinear, sigma_out)
+    if norm is LNImpl:
+        return spec
+    # The block's final norm is chosen by the block, not the layer spec: name it explicitly.
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
+
+
+def build_gpt_model(
+    config: StabilityConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    share_embeddings_and_output_weights: bool = True,
+    position_embedding_type: str = "learned_absolute",
+    parallel_output: bool = True,
+    transformer_impl: Optional[str] = None,
+    **gpt_kwargs,
+) -> GPTModel:
+    """megatron-core GPTModel with the options of `config` applied. Extra kwargs go to GPTModel."""
+    transformer_impl = transformer_impl or default_transformer_impl()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=build_layer_spec(config, transformer_impl, vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        position_embedding_type=position_embedding_type,
+        parallel_output=parallel_output,
+        vp_stage=vp_stage,
+        **gpt_kwargs,
+    )
+    if pre_process and getattr(config, "embedding_fix", None):
+        norm = TENorm if transformer_impl == "transformer_engine" else local_norm_class(config)
+        attach_embedding_stabilizer(model.embedding, config, norm)
+    return model
