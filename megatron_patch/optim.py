@@ -8,7 +8,8 @@ word and position embedding tables (the output layer keeps decay unless it is ti
 from typing import Dict
 
 from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
-from megatron.core.optimizer.optimizer_config import ParamGroupOverride, ParamKey
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 EMBEDDING_TABLES = ("*embedding.word_embeddings.weight", "*embedding.position_embeddings.weight")
 
