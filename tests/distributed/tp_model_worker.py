@@ -1,0 +1,76 @@
+"""torchrun --nproc-per-node 2 worker: each option at TP=2 (and TP=2 + SP) equals TP=1.
+
+Builds the same model (CPU init, same seed) once with tensor parallelism 1 and once with 2,
+runs the same batch, and compares the gathered logits, the per-token loss, and the gradients of
+the new parameters (WeSaR gates: summed over TP inside autograd). Prints one line per case and
+exits non-zero on the first mismatch.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_patch.compat import cpu
+from megatron_patch.config import StabilityConfig
+from megatron_patch.model import build_gpt_model
+
+VOCAB, SEQ, BATCH = 128, 16, 2
+SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+             hidden_dropout=0.0, attention_dropout=0.0)
+CASES = {
+    "off": {},
+    "scaled_embed": dict(scaled_embed=True),
+    "embed_layernorm": dict(embed_layernorm=True),
+    "embed_detach": dict(embed_detach_alpha=0.1),
+    "plain_small_init": dict(init_style="plain", small_init=True),
+    "wesar": dict(wesar=True, wesar_init_std=0.01),
+    "embed_layernorm+sp": dict(embed_layernorm=True, sequence_parallel=True),
+    "wesar+scaled_embed+sp": dict(wesar=True, scaled_embed=True, sequence_parallel=True),
+}
+LOGIT_ATOL, GRAD_RTOL = 1e-5, 1e-4
+
+
+def run(tp: int, options: dict):
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(0)
+    cfg = StabilityConfig(**SHAPE, tensor_model_parallel_size=tp,
+                          **{k: v for k, v in options.items() if tp > 1 or k != "sequence_parallel"})
+    model = build_gpt_model(cfg, VOCAB, SEQ, parallel_output=False, share_embeddings_and_output_weights=False)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+    logits = model(ids, pos, None)  # [b, s, vocab], gathered over TP (parallel_output=False)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
+    loss.mean().backward()
+    gates = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("wesar_gate")}
+    return logits.detach(), loss.detach(), gates
+
+
+def main():
+    dist.init_process_group("gloo")
+    cpu.enable()
+    failures = 0
+    for name, options in CASES.items():
+        logits1, loss1, gates1 = run(1, options)
+        logits2, loss2, gates2 = run(2, options)
+        diff = (logits1 - logits2).abs().max().item()
+        ok = diff <= LOGIT_ATOL and torch.allclose(loss1, loss2, atol=LOGIT_ATOL)
+        for gate, grad in gates1.items():
+            ok &= torch.allclose(grad, gates2[gate], rtol=GRAD_RTOL, atol=1e-9)
+        if dist.get_rank() == 0:
+            print(f"{'OK  ' if ok else 'FAIL'} {name}: max|logits TP1-TP2|={diff:.2e} gates={len(gates1)}")
+        failures += not ok
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
