@@ -1,0 +1,71 @@
+"""pretrain_gpt.py's command line: Megatron-LM's flag names, grouped, plus the stabilization flags.
+
+Each group is defined next to the code that uses it (model_builder, loop, optimizer, data,
+checkpointing, logging, initialize); this module assembles them and runs every check that needs
+no process group, model or data read, so a bad flag fails in a second with one line.
+"""
+
+import argparse
+
+import torch
+
+from . import checkpointing, data, initialize, logging, loop, model_builder, optimizer
+from .errors import SetupError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises SetupError (one line, printed by pretrain_gpt.py) instead of usage text."""
+
+    def error(self, message):
+        raise SetupError(f"{message} (see --help)")
+
+
+def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
+    from megatron_patch.config import add_stability_args
+
+    parser = _Parser(prog=prog, allow_abbrev=False,
+                     description="GPT pre-training on megatron-core with Megatron-LM's flags and "
+                                 "loss-spike stabilization (Spike No More, WeSaR).")
+    model_builder.add_model_args(parser)
+    loop.add_training_args(parser)
+    optimizer.add_optimizer_args(parser)
+    initialize.add_distributed_args(parser)
+    data.add_data_args(parser)
+    checkpointing.add_checkpointing_args(parser)
+    logging.add_logging_args(parser)
+    add_stability_args(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def validate_args(args, world_size=None) -> argparse.Namespace:
+    """Fill derived values and refuse bad or contradictory flags (raises SetupError)."""
+    from megatron_patch.config import StabilityConfigError, stability_kwargs
+
+    world_size = initialize.world_size_from_env() if world_size is None else world_size
+    args.world_size = world_size
+    on_cuda = torch.cuda.is_available()
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(args, flag) is None:
+            raise SetupError(f"--{flag.replace('_', '-')} is required")
+    initialize.validate_distributed_args(args, world_size)
+    model_builder.validate_model_args(args)
+    loop.validate_training_args(args)
+    optimizer.validate_optimizer_args(args, on_cuda)
+    data.validate_data_args(args)
+    checkpointing.validate_checkpointing_args(args)
+    logging.validate_logging_args(args)
+    try:
+        stability_kwargs(args)
+    except StabilityConfigError as exc:
+        raise SetupError(str(exc)) from None
+    # Building the config runs megatron-core's own consistency checks (cheap: no tensors).
+    args.transformer_config = model_builder.transformer_config_from_args(args, on_cpu=not on_cuda)
+    return args
+
+
+def parse_and_validate(argv=None, world_size=None) -> argparse.Namespace:
+    return validate_args(parse_args(argv), world_size)

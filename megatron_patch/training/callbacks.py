@@ -1,0 +1,102 @@
+"""Per-step hooks of the training loop (e.g. a stability monitor that may veto an update).
+
+A callback is any object with some of these methods; missing ones are skipped:
+
+    on_train_start(state)                  once, after the checkpoint (if any) is loaded
+    on_before_optimizer_step(state) -> bool | None
+                                           after forward/backward and the gradient all-reduce,
+                                           before the optimizer step; return True to skip this
+                                           update (it is then counted as skipped, the LR
+                                           schedule still advances as in Megatron-LM)
+    on_step_end(state)                     after the step; state.grad_norm/skipped are set
+    on_eval_end(state, metrics)            after validation, metrics = {"lm loss": .., "ppl": ..}
+    on_train_end(state)                    once, after the final checkpoint
+
+Every rank calls every hook with the same values (the loss is broadcast from the last pipeline
+stage; skip votes are combined with a max over all ranks, so one "skip" skips everywhere).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Callback(Protocol):
+    def on_step_end(self, state: "StepState") -> None: ...
+
+
+@dataclass
+class StepState:
+    """What a callback sees. `model` is the list of DDP chunks, `optimizer` megatron-core's."""
+
+    iteration: int
+    model: List[Any]
+    optimizer: Any
+    args: Any
+    loss: Optional[float] = None
+    grad_norm: Optional[float] = None
+    learning_rate: Optional[float] = None
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def current_grad_norm(self) -> float:
+        """Global L2 norm of this step's (all-reduced) gradients, before clipping.
+
+        Usable in on_before_optimizer_step; reads the DDP main_grad buffers, the same gradients
+        the optimizer will clip, reduced over the model-parallel group. Every DP rank holds the
+        full all-reduced gradient (also with the distributed optimizer, after its reduce-scatter
+        only this rank's shard is final: call it only without --use-distributed-optimizer).
+        """
+        from megatron.core import parallel_state
+        from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+        from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        grads, seen = [], set()
+        for chunk in self.model:
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                    grads.append(g)
+        group = parallel_state.get_model_parallel_group()
+        return float(get_grad_norm_fp32(grads, grad_stats_parallel_group=group))
+
+
+class CallbackList:
+    """Calls each hook on every callback in order."""
+
+    def __init__(self, callbacks=()):
+        self.callbacks = list(callbacks or [])
+
+    def __bool__(self):
+        return bool(self.callbacks)
+
+    def _call(self, hook, *a):
+        return [getattr(cb, hook)(*a) for cb in self.callbacks if hasattr(cb, hook)]
+
+    def on_train_start(self, state):
+        self._call("on_train_start", state)
+
+    def on_before_optimizer_step(self, state) -> bool:
+        """True if any callback on any rank asks to skip the update."""
+        vote = any(bool(v) for v in self._call("on_before_optimizer_step", state))
+        flag = torch.tensor([1.0 if vote else 0.0])
+        if torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            flag = flag.cuda() if backend == "nccl" else flag
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def on_step_end(self, state):
+        self._call("on_step_end", state)
+
+    def on_eval_end(self, state, metrics):
+        self._call("on_eval_end", state, metrics)
+
+    def on_train_end(self, state):
+        self._call("on_train_end", state)

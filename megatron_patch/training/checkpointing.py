@@ -1,0 +1,270 @@
+"""Checkpoints with megatron-core dist_checkpointing: resharding across TP/PP, atomic, resumable.
+
+Layout (Megatron-LM's): <save>/iter_0000100/ (a torch_dist checkpoint) and
+<save>/latest_checkpointed_iteration.txt. A checkpoint is written to iter_0000100.tmp first;
+only when every rank has finished does rank 0 rename it and then replace the tracker file
+(write + fsync + os.replace). A crash at any point leaves the last good checkpoint and the
+tracker pointing at it; a stale *.tmp is ignored and removed by the next save.
+
+Contents: model chunks ("model0", ...), optimizer (parameter state sharded by model tensor, so it
+reshards), LR scheduler, RNG states (per TP/PP rank), iteration, consumed train/valid samples, and
+the layout/vocabulary it was made with (checked on load).
+"""
+
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import torch
+
+from .errors import SetupError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+def add_checkpointing_args(parser):
+    g = parser.add_argument_group("checkpointing", "torch_dist checkpoints (reshardable across TP/PP).")
+    g.add_argument("--save", default=None, help="Directory to write checkpoints to.")
+    g.add_argument("--save-interval", type=int, default=None, help="Iterations between checkpoints.")
+    g.add_argument("--load", default=None, help="Directory to resume from (its latest checkpoint).")
+    g.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration, not the latest.")
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="Load model weights only; restart at iteration 0 with fresh optimizer/RNG.")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="Fail if --load has no checkpoint (default: start from scratch).")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--use-dist-ckpt", action="store_true", help="Accepted; always on.")
+    g.add_argument("--auto-detect-ckpt-format", action="store_true", help="Accepted; always on.")
+    g.add_argument("--dist-ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="On SIGTERM (e.g. Slurm preemption): save a checkpoint and exit cleanly.")
+    return parser
+
+
+def validate_checkpointing_args(args) -> None:
+    if args.save_interval is not None and args.save_interval <= 0:
+        raise SetupError("--save-interval must be > 0")
+    if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise SetupError(f"--load {args.load} is not a directory")
+    if args.finetune:
+        args.no_load_optim = args.no_load_rng = True
+
+
+def _iter_dir(root, iteration):
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rank0():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _layout():
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_state():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_rng(with_state=True):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", _rng_state() if with_state else None,
+                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading):
+    from megatron_patch.compat import distributed_optimizer as dopt_fix
+
+    from .model_builder import unwrap
+
+    sd = {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(ctx.model)}
+    if with_optimizer:
+        dopt_fix.prime_state(ctx.optimizer)  # upstream's dist-opt state_dict needs a 'step'
+        sd["optimizer"] = ctx.optimizer.sharded_state_dict(sd, is_loading=is_loading,
+                                                           metadata=_optimizer_metadata(ctx.args))
+        sd["opt_param_scheduler"] = ctx.scheduler.state_dict()
+    if with_rng:
+        sd["rng_state"] = _sharded_rng()
+    return sd
+
+
+def _optimizer_metadata(args):
+    return {"distrib_optim_sharding_type": "fully_sharded_model_space",
+            "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+
+
+def save_checkpoint(ctx, state) -> str:
+    """Write iteration `state.iteration` atomically; returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    args = ctx.args
+    final = _iter_dir(args.save, state.iteration)
+    tmp = final + ".tmp"
+    if _rank0():
+        os.makedirs(args.save, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+        os.makedirs(tmp)
+    _barrier()
+    sd = _sharded_state_dict(ctx, not args.no_save_optim, not args.no_save_rng, is_loading=False)
+    sd.update(
+        format_version=FORMAT_VERSION, iteration=state.iteration,
+        consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=state.consumed_valid_samples,
+        layout=_layout(), vocab_size=ctx.vocab_size, padded_vocab_size=ctx.padded_vocab_size,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
+        args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+    )
+    dist_checkpointing.save(sd, tmp, content_metadata=_optimizer_metadata(args))
+    _barrier()
+    if _rank0():
+        if os.path.isdir(final):  # re-saving the same iteration: keep the old one until replaced
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.rename(final, final + ".old")
+        os.rename(tmp, final)
+        _write_tracker(args.save, state.iteration)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_tracker(root, iteration):
+    path = os.path.join(root, TRACKER)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def find_checkpoint(args):
+    """(directory, iteration) to resume from, or None to start from scratch."""
+    root = args.load
+    if args.ckpt_step is not None:
+        path = _iter_dir(root, args.ckpt_step)
+        if not os.path.isdir(path):
+            raise SetupError(f"--ckpt-step {args.ckpt_step}: {path} does not exist")
+        return path, args.ckpt_step
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        if args.exit_on_missing_checkpoint:
+            raise SetupError(f"--load {root}: no checkpoint ({TRACKER} missing)")
+        return None
+    try:
+        with open(tracker) as f:
+            iteration = int(f.read().strip())
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"unreadable checkpoint tracker {tracker}: {exc}") from None
+    path = _iter_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise SetupError(f"{tracker} points at iteration {iteration}, but {path} is missing")
+    return path, iteration
+
+
+def load_checkpoint(ctx, state) -> bool:
+    """Restore model (+ optimizer, scheduler, RNG, data position) from --load. False if none."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.compat import distributed_optimizer as dopt_fix
+
+    args = ctx.args
+    found = find_checkpoint(args)
+    if found is None:
+        return False
+    path, _ = found
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise SetupError(f"unreadable checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
+        raise SetupError(f"{path} is not a checkpoint written by this trainer")
+    if common["vocab_size"] != ctx.vocab_size or common["padded_vocab_size"] != ctx.padded_vocab_size:
+        raise SetupError(
+            f"vocabulary mismatch: checkpoint {path} has vocab {common['vocab_size']} (padded "
+            f"{common['padded_vocab_size']}), this run {ctx.vocab_size} (padded {ctx.padded_vocab_size}); "
+            "use the same tokenizer and --make-vocab-size-divisible-by")
+    load_optim = not args.no_load_optim and common["has_optimizer"]
+    if load_optim and common["use_distributed_optimizer"] != args.use_distributed_optimizer:
+        raise SetupError("the checkpoint's optimizer state was saved "
+                         f"{'with' if common['use_distributed_optimizer'] else 'without'} "
+                         "--use-distributed-optimizer; match it or pass --no-load-optim")
+    same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {k: _layout()[k] for k in ("tp", "pp")}
+    load_rng = not args.no_load_rng and common["has_rng"] and same_layout
+    if not args.no_load_rng and common["has_rng"] and not same_layout and _rank0():
+        print(f" > checkpoint layout {common['layout']} differs from {_layout()}: RNG states not restored",
+              flush=True)
+
+    sd = _sharded_state_dict(ctx, load_optim, load_rng, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(sd, path)
+        for i, chunk in enumerate(ctx.model):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+        if load_optim:
+            ctx.optimizer.load_state_dict(loaded["optimizer"])
+            dopt_fix.untie_steps(ctx.optimizer)
+            ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    except Exception as exc:  # noqa: BLE001
+        raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    if not args.finetune:
+        state.iteration = common["iteration"]
+        state.consumed_train_samples = common["consumed_train_samples"]
+        state.consumed_valid_samples = common["consumed_valid_samples"]
+    if _rank0():
+        print(f" > loaded checkpoint {path} (iteration {common['iteration']}, "
+              f"optimizer {'yes' if load_optim else 'no'}, rng {'yes' if load_rng else 'no'})", flush=True)
+    return True
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+class ExitSignalHandler:
+    """Records SIGTERM in `pending`; the loop turns it into save-and-exit on every rank."""
+
+    def __init__(self, sig=signal.SIGTERM):
+        self.sig, self.pending = sig, False
+        self._previous = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.pending = True
+
+    def restore(self):
+        signal.signal(self.sig, self._previous)

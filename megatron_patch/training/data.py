@@ -1,0 +1,243 @@
+"""Tokenizer, datasets (megatron-core GPTDataset over .bin/.idx, blends, splits) and batch iterators.
+
+Every rank builds the same datasets and reads its own micro-batches (no broadcast over TP): the
+samples are a pure function of (seed, data, consumed samples), so a resumed run continues
+exactly where it stopped.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from .errors import SetupError
+
+_SPLITS = ("train", "validation", "test")
+_VOCAB_SCAN_TOKENS = 1 << 24  # tokens per data file read to check the vocabulary (~16M)
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="Prefixes of .bin/.idx files, optionally weighted: 'W1 P1 W2 P2 ...'.")
+    g.add_argument("--split", default="969, 30, 1", help="train,valid,test proportions.")
+    g.add_argument("--train-data-path", nargs="*", default=None)
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--mock-data", action="store_true", help="Random tokens, no files.")
+    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches go.")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false")
+    g.add_argument("--mmap-bin-files", dest="mmap_bin_files", action="store_true", default=True)
+    g.add_argument("--num-workers", type=int, default=2, help="Accepted; reads are in-process.")
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--no-create-attention-mask-in-dataloader", dest="create_attention_mask_in_dataloader",
+                   action="store_false")
+
+    g = parser.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer",
+                            "NullTokenizer"])
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer: number of ids (the end-of-document id is this number).")
+    return parser
+
+
+def _blend(paths):
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if not paths:
+        return None
+    try:
+        return get_blend_from_list(paths)
+    except (ValueError, AssertionError) as exc:
+        raise SetupError(f"--data-path {' '.join(paths)}: {exc}") from None
+
+
+def validate_data_args(args) -> None:
+    """Cheap checks on flags and files, before any process group or model exists."""
+    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    if args.mock_data and (args.data_path or any(per_split)):
+        raise SetupError("--mock-data and --data-path are exclusive")
+    if args.data_path and any(per_split):
+        raise SetupError("give --data-path with --split, or --train/valid/test-data-path, not both")
+    if not args.mock_data and not args.data_path and not any(per_split):
+        raise SetupError("no training data: pass --data-path PREFIX (a .bin/.idx pair) or --mock-data")
+    args.data_blend = _blend(args.data_path)
+    args.data_blend_per_split = [_blend(p) for p in per_split] if any(per_split) else None
+    blends = [args.data_blend] + (args.data_blend_per_split or [])
+    for blend in filter(None, blends):
+        for prefix in blend[0]:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise SetupError(f"data file {prefix + ext} not found (give the prefix without "
+                                     ".bin/.idx; make it with tools/preprocess_data.py)")
+    if args.tokenizer_type is None:
+        if not args.mock_data:
+            raise SetupError("--tokenizer-type is required with --data-path")
+        args.tokenizer_type = "NullTokenizer"
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise SetupError("--tokenizer-type NullTokenizer needs --vocab-size")
+
+
+class NullTokenizer:
+    """Megatron-LM's NullTokenizer: ids are used as given; `vocab_size` ids plus the EOD id."""
+
+    def __init__(self, vocab_size: int):
+        self.eod = int(vocab_size)
+        self.vocab_size = int(vocab_size) + 1
+        self.pad = None
+
+    def tokenize(self, text):
+        return [int(t) for t in text.split()]
+
+    def detokenize(self, ids):
+        return " ".join(str(int(t)) for t in ids)
+
+
+def build_tokenizer(args):
+    if args.tokenizer_type == "NullTokenizer":
+        return NullTokenizer(args.vocab_size)
+    from megatron_patch import tokenizer as tokenizers
+
+    kind = "SentencePieceTokenizer" if args.tokenizer_type == "GPTSentencePieceTokenizer" else args.tokenizer_type
+    try:
+        return tokenizers.build_tokenizer(kind, tokenizer_model=args.tokenizer_model,
+                                          vocab_file=args.vocab_file, merge_file=args.merge_file)
+    except ValueError as exc:
+        raise SetupError(f"tokenizer: {exc}") from None
+
+
+def check_vocabulary(args, tokenizer) -> None:
+    """Refuse data whose token ids do not fit the tokenizer (data made with another tokenizer)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    blends = [args.data_blend] + (args.data_blend_per_split or [])
+    for prefix in sorted({p for blend in filter(None, blends) for p in blend[0]}):
+        index = IndexedDataset(prefix, mmap=True)
+        count = min(int(index.sequence_lengths.sum()), _VOCAB_SCAN_TOKENS)
+        tokens = np.memmap(prefix + ".bin", dtype=index.index.dtype, mode="r", shape=(count,)) if count else []
+        top = int(np.max(tokens)) if count else -1
+        if top >= tokenizer.vocab_size:
+            raise SetupError(
+                f"vocabulary mismatch: {prefix}.bin holds token id {top}, but the tokenizer "
+                f"({args.tokenizer_type}) has only {tokenizer.vocab_size} ids; use the tokenizer the "
+                "data was made with")
+
+
+def split_sizes(args):
+    """Samples each split must provide (Megatron-LM's accounting)."""
+    gbs = args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
+    return [args.train_iters * gbs, evals * args.eval_iters * gbs, args.eval_iters * gbs]
+
+
+class _DatasetTokenizer:
+    """What megatron-core's datasets read from a tokenizer: ids, and identifiers for cache keys."""
+
+    def __init__(self, tokenizer, args):
+        self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
+        self.pad = getattr(tokenizer, "pad", None)
+        if self.pad is None:
+            del self.pad  # megatron-core then uses its own out-of-vocabulary pad id
+        self.unique_identifiers = {"class": args.tokenizer_type, "vocab_size": self.vocab_size,
+                                   "eod": self.eod, "model": args.tokenizer_model,
+                                   "vocab_file": args.vocab_file, "merge_file": args.merge_file}
+
+
+def _dataset_config(args, tokenizer):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    try:
+        return GPTDatasetConfig(
+            random_seed=args.seed,
+            sequence_length=args.seq_length,
+            blend=args.data_blend,
+            blend_per_split=args.data_blend_per_split,
+            split=args.split if args.data_blend or args.mock_data else None,
+            path_to_cache=args.data_cache_path,
+            mmap_bin_files=args.mmap_bin_files,
+            tokenizer=_DatasetTokenizer(tokenizer, args),
+            reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask,
+            eod_mask_loss=args.eod_mask_loss,
+            create_attention_mask=args.create_attention_mask_in_dataloader,
+        )
+    except (AssertionError, ValueError) as exc:
+        raise SetupError(f"dataset configuration (--split {args.split!r}?): {exc}") from None
+
+
+def _refuse_empty_splits(config, sizes) -> None:
+    """GPTDataset loops forever on a split with no sequences (facts §2): refuse it clearly."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if config.mock or config.split_matrix is None:
+        return
+    for i, bounds in enumerate(config.split_matrix):
+        if bounds is None:
+            continue
+        if sizes[i] == 0:  # not needed: do not build it (an empty one would hang)
+            config.split_matrix[i] = None
+            continue
+        for prefix in config.blend[0]:
+            n = len(IndexedDataset(prefix, mmap=True))
+            if int(round(bounds[1] * n)) - int(round(bounds[0] * n)) <= 0:
+                raise SetupError(
+                    f"the {_SPLITS[i]} split of {prefix} is empty ({n} sequences, --split "
+                    f"{config.split!r}); give it a larger share, use more data, or --eval-iters 0")
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) megatron-core datasets; None where a split is not wanted."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    config = _dataset_config(args, tokenizer)
+    sizes = split_sizes(args)
+    _refuse_empty_splits(config, sizes)
+    if config.blend_per_split:
+        for i, blend in enumerate(config.blend_per_split):
+            if blend is not None and sizes[i] == 0:
+                config.blend_per_split[i] = None
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+
+class MicroBatchIterator:
+    """Micro-batches of one data-parallel rank, starting after `consumed` samples.
+
+    The global batch at sample offset c holds samples [c, c + global_batch); micro-batch k of
+    DP rank r holds [c + (k*dp + r)*mbs, ... + mbs), as Megatron-LM's pretraining sampler. The
+    union over DP ranks is layout-independent, so DP=1 and DP=2 see the same global batches.
+    Past the end of the dataset it wraps around (validation repeats).
+    """
+
+    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed, device):
+        self.dataset, self.mbs, self.device = dataset, micro_batch_size, device
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.next_start = consumed  # first sample of the next (mbs x dp) block
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        first = self.next_start + self.dp_rank * self.mbs
+        self.next_start += self.mbs * self.dp_size
+        n = len(self.dataset)
+        samples = [self.dataset[(first + j) % n] for j in range(self.mbs)]
+        return {k: torch.stack([s[k] for s in samples]).to(self.device) for k in samples[0]}
+
+
+def make_iterator(args, dataset, consumed, device):
+    from megatron.core import parallel_state
+
+    if dataset is None or len(dataset) == 0:
+        return None
+    return MicroBatchIterator(dataset, args.micro_batch_size,
+                              parallel_state.get_data_parallel_rank(),
+                              parallel_state.get_data_parallel_world_size(), consumed, device)

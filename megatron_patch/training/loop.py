@@ -1,0 +1,258 @@
+"""The training loop on megatron-core's schedules (get_forward_backward_func), and evaluation."""
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, List, Optional
+
+import torch
+
+from .callbacks import CallbackList, StepState
+from .errors import SetupError
+
+
+def add_training_args(parser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Default: micro-batch size x data-parallel size (no accumulation).")
+    g.add_argument("--rampup-batch-size", nargs="*", default=None, help="Not supported.")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None, help="Not supported; use --train-iters.")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="Stop (after saving, if --save) when the iteration is a multiple of this.")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Stop (after saving, if --save) once this much wall time has passed.")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100, help="Validation batches per evaluation.")
+    g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="Do not stop on NaN gradients.")
+    g.add_argument("--empty-unused-memory-level", type=int, default=0, help="Accepted.")
+    g.add_argument("--manual-gc", action="store_true", help="Accepted.")
+    return parser
+
+
+def validate_training_args(args) -> None:
+    if args.rampup_batch_size:
+        raise SetupError("--rampup-batch-size is not supported by this trainer")
+    if args.train_samples is not None:
+        raise SetupError("--train-samples is not supported; give --train-iters")
+    if args.train_iters is None:
+        raise SetupError("--train-iters is required")
+    if args.micro_batch_size is None or args.micro_batch_size < 1:
+        raise SetupError("--micro-batch-size is required (>= 1)")
+    step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = step
+    if args.global_batch_size % step:
+        raise SetupError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+                         f"{args.data_parallel_size} (= {step})")
+    args.num_microbatches = args.global_batch_size // step
+    pp = args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
+        raise SetupError(f"interleaved pipelining needs the number of micro-batches "
+                         f"({args.num_microbatches}) to be a multiple of PP ({pp})")
+    if args.eval_iters < 0 or (args.eval_interval is not None and args.eval_interval < 0):
+        raise SetupError("--eval-iters and --eval-interval must be >= 0")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides the model and optimizer."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+@dataclass
+class TrainContext:
+    args: Any
+    model: List[Any]
+    optimizer: Any
+    scheduler: Any
+    config: Any
+    runtime: Any
+    vocab_size: int
+    padded_vocab_size: int
+    logger: Any = None
+    callbacks: CallbackList = field(default_factory=CallbackList)
+    history: List[dict] = field(default_factory=list)  # per-iteration losses (for tests/benchmarks)
+
+
+def loss_func(loss_mask, output_tensor):
+    """Token-summed loss + token count (megatron-core's 3-tuple: it divides by both counts)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.cat([loss.detach().view(1), mask.sum().detach().view(1)])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def wire_schedule_config(ctx) -> None:
+    """Hooks megatron-core's schedules call: loss scaling, no_sync, grad finalisation."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config, model = ctx.config, ctx.model
+    config.grad_scale_func = ctx.optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    if ctx.args.overlap_grad_reduce:
+        config.grad_sync_func = [m.start_grad_sync for m in model]
+        if len(model) == 1:
+            config.grad_sync_func = config.grad_sync_func[0]
+    if ctx.args.overlap_param_gather:
+        config.param_sync_func = [m.start_param_sync for m in model]
+        if len(model) == 1:
+            config.param_sync_func = config.param_sync_func[0]
+
+
+def _forward_backward(ctx, iterators, forward_only):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args = ctx.args
+    data = iterators if len(iterators) > 1 else iterators[0]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data,
+        model=ctx.model if len(ctx.model) > 1 else ctx.model[0],
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length,
+        forward_only=forward_only)
+
+
+def _reduce_loss(losses_reduced) -> Optional[float]:
+    """Token-weighted mean over micro-batches and DP ranks; None off the last pipeline stage."""
+    from megatron.core import parallel_state
+
+    if not losses_reduced:
+        return None
+    total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(0)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _loss_on_all_ranks(loss, device) -> float:
+    """The last stage's loss, on every rank (for callbacks)."""
+    from megatron.core import parallel_state
+
+    t = torch.tensor([loss if loss is not None else 0.0], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(t.item())
+
+
+def train_step(ctx, state, iterators):
+    """One global batch: forward/backward over its micro-batches, then the optimizer step."""
+    for chunk in ctx.model:
+        chunk.zero_grad_buffer()
+    ctx.optimizer.zero_grad()
+    loss = _reduce_loss(_forward_backward(ctx, iterators, forward_only=False))
+    skip = False
+    if ctx.callbacks:
+        loss = _loss_on_all_ranks(loss, ctx.runtime.device)
+        skip = ctx.callbacks.on_before_optimizer_step(
+            StepState(state.iteration + 1, ctx.model, ctx.optimizer, ctx.args, loss=loss))
+    if skip:
+        update_ok, grad_norm = False, None
+    else:
+        update_ok, grad_norm, _ = ctx.optimizer.step()
+    if update_ok:  # as Megatron-LM: a skipped update does not advance the schedule
+        ctx.scheduler.step(increment=ctx.args.global_batch_size)
+    return loss, grad_norm, not update_ok
+
+
+def evaluate(ctx, iterators, num_batches) -> Optional[float]:
+    """Mean validation loss over `num_batches` global batches (None off the last stage)."""
+    for chunk in ctx.model:
+        chunk.eval()
+    results = []
+    with torch.no_grad():
+        for _ in range(num_batches):
+            results += _forward_backward(ctx, iterators, forward_only=True)
+    for chunk in ctx.model:
+        chunk.train()
+    return _reduce_loss(results)
+
+
+def _stop_reason(ctx, signal_handler, start_time) -> Optional[str]:
+    """'signal' / 'time' if any rank wants to stop (one collective, only when either is enabled)."""
+    args = ctx.args
+    if signal_handler is None and args.exit_duration_in_mins is None:
+        return None
+    flags = torch.tensor([
+        1.0 if signal_handler is not None and signal_handler.pending else 0.0,
+        1.0 if args.exit_duration_in_mins is not None
+        and time.time() - start_time > 60.0 * args.exit_duration_in_mins else 0.0,
+    ], device=ctx.runtime.device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return "signal" if flags[0] > 0 else "time" if flags[1] > 0 else None
+
+
+def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signal_handler=None) -> str:
+    """Run until --train-iters (or an exit condition). Returns why it stopped."""
+    args, log = ctx.args, ctx.logger
+    start_time, last_saved = time.time(), state.iteration if args.load else None
+    step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args)
+    ctx.callbacks.on_train_start(step_state)
+
+    def save():
+        nonlocal last_saved
+        if args.save and last_saved != state.iteration:
+            save_fn(state)
+            last_saved = state.iteration
+
+    def run_eval(label, its, batches, valid):
+        loss = evaluate(ctx, its, batches)
+        if valid:
+            state.consumed_valid_samples += batches * args.global_batch_size
+        if loss is not None:
+            ppl = log.log_evaluation(label, state.iteration, loss)
+            ctx.callbacks.on_eval_end(step_state, {"lm loss": loss, "ppl": ppl})
+
+    reason = "done"
+    while not args.skip_train and state.iteration < args.train_iters:
+        t0 = time.perf_counter()
+        loss, grad_norm, skipped = train_step(ctx, state, iterators)
+        step_time = time.perf_counter() - t0
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
+        lr = ctx.optimizer.param_groups[0]["lr"]
+        loss_scale = float(ctx.optimizer.get_loss_scale())
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        ctx.history.append({"iteration": state.iteration, "loss": loss, "grad_norm": grad_norm,
+                            "lr": lr, "skipped": skipped})
+        log.log_iteration(state.iteration, state.consumed_train_samples, loss, lr, loss_scale,
+                          grad_norm, skipped, step_time)
+        step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args, loss=loss,
+                               grad_norm=grad_norm, learning_rate=lr, skipped=skipped)
+        ctx.callbacks.on_step_end(step_state)
+        if valid_iterators and args.eval_iters and args.eval_interval \
+                and state.iteration % args.eval_interval == 0:
+            run_eval(f"iteration {state.iteration}", valid_iterators, args.eval_iters, True)
+        if args.save_interval and state.iteration % args.save_interval == 0:
+            save()
+        stop = _stop_reason(ctx, signal_handler, start_time)
+        if stop is None and args.exit_interval and state.iteration % args.exit_interval == 0:
+            stop = "exit-interval"
+        if stop is not None:
+            save()
+            log.print(f" > exiting after iteration {state.iteration} ({stop})")
+            return stop
+
+    save()
+    if valid_iterators and args.eval_iters and (args.skip_train or not args.eval_interval
+                                                or state.iteration % args.eval_interval):
+        run_eval(f"iteration {state.iteration} on validation set", valid_iterators, args.eval_iters, True)
+    if test_iterators and args.eval_iters:
+        run_eval(f"iteration {state.iteration} on test set", test_iterators, args.eval_iters, False)
+    ctx.callbacks.on_train_end(step_state)
+    return reason

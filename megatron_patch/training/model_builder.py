@@ -1,0 +1,217 @@
+"""Model flags (Megatron-LM names) -> StabilityConfig -> GPTModel chunks wrapped in megatron-core DDP."""
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SetupError
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("network size", "GPT shape (Megatron-LM flag names).")
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default 4 x hidden size.")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None, help="Default hidden size / heads.")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="Default --seq-length.")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
+                   default="learned_absolute")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="Deprecated alias of --position-embedding-type rope.")
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="Default: transformer_engine on a GPU machine that has it, else local.")
+    g.add_argument("--use-mcore-models", action="store_true", help="Accepted; always true here.")
+
+    g = parser.add_argument_group("initialization and regularization")
+    g.add_argument("--init-method-std", type=float, default=None, help="Default 0.02.")
+    g.add_argument("--embedding-init-method-std", type=float, default=None,
+                   help="Default: --init-method-std.")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="Initialise full weights on CPU, then split (always on without CUDA).")
+
+    g = parser.add_argument_group("kernels and recomputation", "Speed switches (no effect on math).")
+    g.add_argument("--apply-query-key-layer-scaling", action="store_true")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true")
+    for name in ("masked-softmax", "bias-gelu", "bias-swiglu", "bias-dropout", "gradient-accumulation",
+                 "persist-layer-norm"):
+        suffix = "" if name == "persist-layer-norm" else "-fusion"
+        g.add_argument(f"--no-{name}{suffix}", action="store_true")
+    g.add_argument("--use-flash-attn", action="store_true")
+    g.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "flash", "fused", "unfused", "local"])
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Selective recomputation of attention.")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    return parser
+
+
+def validate_model_args(args) -> None:
+    tp = args.tensor_model_parallel_size
+    if args.num_attention_heads % tp:
+        raise SetupError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    if args.group_query_attention and args.num_query_groups % tp:
+        raise SetupError(f"--num-query-groups {args.num_query_groups} is not divisible by TP {tp}")
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
+        raise SetupError(f"--hidden-size {args.hidden_size} is not divisible by "
+                         f"--num-attention-heads {args.num_attention_heads}; set --kv-channels")
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
+        raise SetupError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                         f"{args.max_position_embeddings}")
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        raise SetupError("--recompute-granularity full needs --recompute-method uniform|block")
+
+
+def padded_vocab_size(vocab_size: int, args) -> int:
+    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config_from_args(args, on_cpu: bool):
+    """StabilityConfig (TransformerConfig + the stabilization fields) for these flags."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_patch.config import StabilityConfig, StabilityConfigError, stability_kwargs
+
+    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    fused = not on_cpu  # the fusions need CUDA kernels or torch.compile for GPU
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        kv_channels=args.kv_channels,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
+        add_bias_linear=not args.disable_bias_linear,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        qk_layernorm=args.qk_layernorm,
+        embedding_init_method_std=args.embedding_init_method_std,
+        apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
+        attention_softmax_in_fp32=args.attention_softmax_in_fp32,
+        masked_softmax_fusion=fused and not args.no_masked_softmax_fusion,
+        bias_activation_fusion=fused and not (args.no_bias_swiglu_fusion if args.swiglu
+                                              else args.no_bias_gelu_fusion),
+        bias_dropout_fusion=fused and not args.no_bias_dropout_fusion,
+        persist_layer_norm=fused and not args.no_persist_layer_norm,
+        attention_backend=AttnBackend.flash if args.use_flash_attn else AttnBackend[args.attention_backend],
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        fp16=args.fp16,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=on_cpu or args.use_cpu_initialization,
+        deallocate_pipeline_outputs=True,
+        # gloo matches p2p messages in posting order; batched p2p then swaps activations and
+        # gradients under interleaved PP (facts §2.6). Unbatched is correct everywhere.
+        batch_p2p_comm=not on_cpu,
+    )
+    if args.init_method_std is not None:
+        kwargs["init_method_std"] = args.init_method_std
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("embedding_init_method_std",)}
+    try:
+        return StabilityConfig(**kwargs, **stability_kwargs(args))
+    except (StabilityConfigError, ValueError, AssertionError) as exc:
+        raise SetupError(f"model configuration: {exc}") from None
+
+
+def build_model_chunks(args, config, vocab_size: int, device: torch.device):
+    """GPTModel chunk(s) for this pipeline rank, wrapped in megatron-core DDP (as Megatron-LM's get_model)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_patch.config import StabilityConfigError
+    from megatron_patch.model import build_gpt_model
+
+    vp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        try:
+            model = build_gpt_model(
+                config, vocab_size, args.max_position_embeddings,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage,
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                parallel_output=True,
+                transformer_impl=args.transformer_impl,
+                rotary_percent=args.rotary_percent,
+                rotary_base=args.rotary_base,
+            )
+        except (StabilityConfigError, ValueError) as exc:
+            raise SetupError(f"model: {exc}") from None
+        chunks.append(model.to(device))
+
+    if args.fp16 or args.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad,
+    )
+    chunks = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
+    if args.data_parallel_random_init:
+        for chunk in chunks:
+            chunk.broadcast_params()
+    return chunks
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP (and Float16Module)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def count_parameters(chunks) -> int:
+    """Parameters on this rank (shared embedding counted once)."""
+    seen, total = set(), 0
+    for chunk in chunks:
+        for p in unwrap(chunk).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total

@@ -1,0 +1,144 @@
+"""Optimizer (megatron-core get_megatron_optimizer), mixed precision and the LR/WD schedule."""
+
+import torch
+
+from .errors import SetupError
+
+
+def add_optimizer_args(parser):
+    g = parser.add_argument_group("optimizer and regularization")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam is AdamW (decoupled weight decay), as in Megatron-LM.")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"],
+                   default="constant")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Global grad-norm clip (0 = off).")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+
+    g = parser.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, default=None, help="Peak learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Default --train-iters.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="Warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters).")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="Take the schedule from the flags, not from the checkpoint.")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="Take the schedule from the checkpoint.")
+
+    g = parser.add_argument_group("mixed precision", "fp16/bf16 need CUDA; CPU trains in fp32.")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="Static loss scale (fp16); default: dynamic loss scaling.")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    return parser
+
+
+def validate_optimizer_args(args, on_cuda: bool) -> None:
+    if args.lr is None:
+        raise SetupError("--lr is required")
+    if args.fp16 and args.bf16:
+        raise SetupError("--fp16 and --bf16 are exclusive")
+    if (args.fp16 or args.bf16) and not on_cuda:
+        raise SetupError("--fp16/--bf16 need CUDA; on CPU drop the flag to train in fp32")
+    if args.min_lr > args.lr:
+        raise SetupError(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    if args.start_weight_decay is None:
+        args.start_weight_decay = args.weight_decay
+    if args.end_weight_decay is None:
+        args.end_weight_decay = args.weight_decay
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise SetupError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                         "are exclusive")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            raise SetupError("give --lr-warmup-iters or --lr-warmup-fraction, not both")
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.train_iters == 0:  # a run that only writes the initial checkpoint
+        args.lr_decay_iters = max(args.lr_decay_iters, args.lr_warmup_iters + 1)
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise SetupError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay "
+                         f"length {args.lr_decay_iters} (--lr-decay-iters, default --train-iters)")
+    if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
+        raise SetupError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+
+
+def optimizer_config_from_args(args):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum,
+        clip_grad=args.clip_grad,
+        fp16=args.fp16,
+        bf16=args.bf16,
+        params_dtype=torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+    )
+
+
+def build_optimizer(args, model_chunks):
+    """megatron-core optimizer over the DDP chunks, with this package's weight-decay groups."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    from megatron_patch.optim import param_group_overrides
+
+    config = optimizer_config_from_args(args)
+    overrides = param_group_overrides(config, args.no_embedding_weight_decay)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+
+
+def build_scheduler(args, optimizer):
+    """OptimizerParamScheduler counted in samples, as Megatron-LM does for iteration-based runs."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gbs = args.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs,
+        lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=max(args.train_iters, 1) * gbs,
+        wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=(args.lr_wsd_decay_iters * gbs) if args.lr_wsd_decay_iters else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )

@@ -1,0 +1,81 @@
+"""parse -> build -> train: what pretrain_gpt.py runs. `run()` raises SetupError, `main()` prints it."""
+
+import os
+import sys
+
+from .arguments import parse_and_validate
+from .callbacks import CallbackList
+from .errors import SetupError
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def build(args, callbacks=None):
+    """Process groups, tokenizer, data, model, optimizer, checkpoint: a ready TrainContext."""
+    from . import checkpointing, data, initialize, model_builder, optimizer
+    from .logging import TrainingLogger
+    from .loop import TrainContext, TrainState, wire_schedule_config
+
+    runtime = initialize.initialize_distributed(args)
+    tokenizer = data.build_tokenizer(args)
+    if not args.mock_data:
+        data.check_vocabulary(args, tokenizer)
+    padded = model_builder.padded_vocab_size(tokenizer.vocab_size, args)
+    datasets = data.build_datasets(args, tokenizer)
+    config = args.transformer_config
+    model = model_builder.build_model_chunks(args, config, padded, runtime.device)
+    opt = optimizer.build_optimizer(args, model)
+    ctx = TrainContext(args=args, model=model, optimizer=opt, scheduler=optimizer.build_scheduler(args, opt),
+                       config=config, runtime=runtime, vocab_size=tokenizer.vocab_size,
+                       padded_vocab_size=padded, callbacks=CallbackList(callbacks))
+    wire_schedule_config(ctx)
+    state = TrainState()
+    if args.load:
+        checkpointing.load_checkpoint(ctx, state)
+    ctx.logger = TrainingLogger(args, padded, runtime.world_size)
+    if runtime.rank == 0:
+        print(f" > {runtime.device.type} x {runtime.world_size} ({runtime.backend}): TP={args.tensor_model_parallel_size}"
+              f" PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}; vocab {tokenizer.vocab_size}"
+              f" padded to {padded}; {model_builder.count_parameters(model):,} parameters on rank 0;"
+              f" starting at iteration {state.iteration}", flush=True)
+    iters = {name: [data.make_iterator(args, ds, consumed, runtime.device) for _ in model]
+             for name, ds, consumed in zip(("train", "valid", "test"), datasets,
+                                           (state.consumed_train_samples, state.consumed_valid_samples, 0))}
+    iters = {k: (v if v[0] is not None else None) for k, v in iters.items()}
+    return ctx, state, iters
+
+
+def run(argv=None, callbacks=None):
+    """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history)."""
+    from . import checkpointing, initialize
+    from .loop import train
+
+    args = parse_and_validate(argv)
+    handler = None
+    try:
+        ctx, state, iters = build(args, callbacks)
+        if iters["train"] is None and not args.skip_train and args.train_iters > 0:
+            raise SetupError("the training split is empty")
+        handler = checkpointing.ExitSignalHandler() if args.exit_signal_handler else None
+        ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"],
+                                save_fn=lambda st: checkpointing.save_checkpoint(ctx, st),
+                                signal_handler=handler)
+        ctx.state = state
+        ctx.logger.close()
+        return ctx
+    finally:
+        if handler is not None:
+            handler.restore()
+        initialize.teardown()
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except SetupError as exc:
+        if _is_rank0():
+            print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,19 @@
+"""Pre-train a GPT model on megatron-core with Megatron-LM's command-line flags.
+
+    torchrun --nproc-per-node 8 pretrain_gpt.py --num-layers 24 --hidden-size 1024 ... [--scaled-embed]
+    python pretrain_gpt.py --help       # flags, grouped
+
+Runs on CUDA (nccl) or, without a GPU, on CPU (gloo) through the same code path. The machinery
+lives in megatron_patch/training/.
+"""
+
+import sys
+import warnings
+
+# megatron-core warns at import time that apex/Transformer Engine are absent (expected on CPU).
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+
+from megatron_patch.training.pretrain import main  # noqa: E402
+
+if __name__ == "__main__":  # required: dist_checkpointing's writer starts spawn-context workers
+    sys.exit(main())
