@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Tokenize a jsonl (or plain-text) corpus into Megatron's indexed dataset (.bin/.idx).
+
+Flags and output names follow Megatron-LM's tools/preprocess_data.py: each --json-keys KEY gives
+`{output_prefix}_{KEY}_document.bin/.idx`, written with megatron-core's IndexedDatasetBuilder
+(token dtype uint16 below 65,500 ids, else int32), one document per input line.
+
+Input: jsonl (one JSON object per line, the text under --json-keys), or plain text with one
+document per line (`.txt`, or --input-format text; the output is named after the first key).
+Lines whose text is empty or whitespace-only are skipped and counted. A bad line (invalid JSON,
+not UTF-8, a missing or non-string key) stops the run with its line number, or is skipped and
+counted with --skip-bad-lines. Every user error is one `error: ...` line on stderr and exit
+status 1; outputs go to temporary names and are renamed only when complete, so no partial
+.bin/.idx is ever left behind.
+
+Workers: batches of lines are tokenized by a multiprocessing pool and written in input order, so
+any --workers gives byte-identical files; at most 4 batches per worker are in flight, so memory
+does not grow with the corpus (the index keeps one length per document, as in Megatron-LM).
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_patch.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+
+
+class DataError(ValueError):
+    """A problem with the user's input or output paths; reported as one line."""
+
+
+class BadLine(ValueError):
+    """One input line that cannot be used; skippable with --skip-bad-lines."""
+
+
+_JSON = json.JSONDecoder()
+
+
+# ---------------------------------------------------------------------------- reading input
+
+def input_format(path: str, requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    return "text" if path.endswith(".txt") else "jsonl"
+
+
+def check_input(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"input file {path} not found; pass the right --input "
+                        "(tools/prepare_corpus.py makes one)")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise DataError(f"input {path} is not a readable file; pass a jsonl or .txt file")
+
+
+def read_batches(path: str, batch_size: int) -> Iterator[Tuple[int, List[bytes]]]:
+    """Yield (number of the first line, raw lines) in batches, streaming the file."""
+    with open(path, "rb") as f:
+        first, batch = 1, []
+        for lineno, raw in enumerate(f, 1):
+            if not batch:
+                first = lineno
+            batch.append(raw)
+            if len(batch) == batch_size:
+                yield first, batch
+                batch = []
+        if batch:
+            yield first, batch
+
+
+def parse_line(raw: bytes, lineno: int, keys: List[str], fmt: str) -> Optional[List[str]]:
+    """The texts of one line, one per key; None if any is empty. Raises BadLine."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadLine(f"line {lineno} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                      f"{exc.start + 1}); re-encode the file as UTF-8") from None
+    if fmt == "text":
+        line = line.rstrip("\n").rstrip("\r")
+        return None if not line or line.isspace() else [line]
+    if line.isspace():
+        return None
+    try:
+        record = _JSON.decode(line)
+    except json.JSONDecodeError as exc:
+        raise BadLine(f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise BadLine(f"line {lineno} is not a JSON object")
+    texts = []
+    for key in keys:
+        if key not in record:
+            raise BadLine(f"line {lineno} has no key {key!r} (it has {sorted(record)[:5]}); "
+                          "pass the right --json-keys")
+        if not isinstance(record[key], str):
+            raise BadLine(f"line {lineno}: {key!r} is {type(record[key]).__name__}, not a string")
+        texts.append(record[key])
+    return None if any(not t or t.isspace() for t in texts) else texts
+
+
+def iter_documents(path: str, keys: List[str], fmt: str = "auto",
+                   skip_bad_lines: bool = False, counts: Optional[Dict[str, int]] = None
+                   ) -> Iterator[List[str]]:
+    """Yield the texts (one per key) of each usable line, in order; used by train_tokenizer."""
+    check_input(path)
+    fmt = input_format(path, fmt)
+    counts = counts if counts is not None else {}
+    for first, lines in read_batches(path, 1024):
+        for lineno, raw in enumerate(lines, first):
+            try:
+                texts = parse_line(raw, lineno, keys, fmt)
+            except BadLine as exc:
+                if not skip_bad_lines:
+                    raise DataError(f"{path}: {exc} (or pass --skip-bad-lines)") from None
+                counts["bad"] = counts.get("bad", 0) + 1
+                continue
+            if texts is None:
+                counts["empty"] = counts.get("empty", 0) + 1
+                continue
+            yield texts
+
+
+# ---------------------------------------------------------------------------- tokenizing
+
+@dataclass
+class EncodedBatch:
+    """The tokens of one batch of lines: per key, the documents' ids concatenated."""
+    tokens: List[np.ndarray]
+    lengths: List[List[int]]
+    input_bytes: int = 0
+    empty: int = 0
+    bad: List[Tuple[int, str]] = field(default_factory=list)
+
+
+_WORKER: dict = {}
+
+
+def init_worker(config: dict) -> None:
+    """Pool initializer (also called in-process for one worker): build the tokenizer once."""
+    _WORKER.clear()
+    _WORKER.update(config)
+    _WORKER["tokenizer"] = build_tokenizer(**config["tokenizer"])
+
+
+def encode_batch(job: Tuple[int, List[bytes]]) -> EncodedBatch:
+    first, lines = job
+    tokenize, keys, fmt = _WORKER["tokenizer"].tokenize, _WORKER["keys"], _WORKER["format"]
+    eod = [_WORKER["tokenizer"].eod] if _WORKER["append_eod"] else []
+    ids: List[List[int]] = [[] for _ in keys]
+    lengths: List[List[int]] = [[] for _ in keys]
+    result = EncodedBatch(tokens=[], lengths=[], input_bytes=sum(map(len, lines)))
+    for lineno, raw in enumerate(lines, first):
+        try:
+            texts = parse_line(raw, lineno, keys, fmt)
+            if texts is None:
+                result.empty += 1
+                continue
+            try:
+                docs = [tokenize(text) for text in texts]
+            except (UnicodeError, RuntimeError, ValueError) as exc:
+                raise BadLine(f"line {lineno} cannot be tokenized ({exc})") from None
+        except BadLine as exc:
+            result.bad.append((lineno, str(exc)))
+            continue
+        for k, doc in enumerate(docs):
+            ids[k] += doc
+            ids[k] += eod
+            lengths[k].append(len(doc) + len(eod))
+    dtype = _WORKER["dtype"]
+    result.tokens = [np.array(x, dtype=dtype) for x in ids]
+    result.lengths = lengths
+    return result
+
+
+class Throttle:
+    """Caps the batches in flight: the pool's feeder thread waits for the writer to catch up."""
+
+    def __init__(self, slots: int):
+        self._slots = threading.Semaphore(slots)
+        self._stopped = False
+
+    def feed(self, jobs: Iterator) -> Iterator:
+        for job in jobs:
+            self._slots.acquire()
+            if self._stopped:
+                return
+            yield job
+
+    def done_one(self) -> None:
+        self._slots.release()
+
+    def stop(self) -> None:
+        """Let a waiting feeder exit (else Pool.terminate() would wait for it forever)."""
+        self._stopped = True
+        self._slots.release()
+
+
+def encoded_batches(args, config: dict) -> Iterator[EncodedBatch]:
+    """Tokenized batches in input order, in-process for one worker, else from a pool."""
+    jobs = read_batches(args.input, args.chunk_size)
+    if args.workers == 1:
+        init_worker(config)
+        yield from map(encode_batch, jobs)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    throttle = Throttle(4 * args.workers)
+    with context.Pool(args.workers, initializer=init_worker, initargs=(config,)) as pool:
+        try:
+            for batch in pool.imap(encode_batch, throttle.feed(jobs)):
+                throttle.done_one()
+                yield batch
+        finally:
+            throttle.stop()
+
+
+# ---------------------------------------------------------------------------- writing output
+
+class Progress:
+    """A progress line on stderr: rewritten in place on a terminal, every 10 s otherwise."""
+
+    def __init__(self):
+        self.start = self.last = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.docs = self.bytes = 0
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return (f"{self.docs} documents, {self.bytes / 1e6:.1f} MB in {elapsed:.1f} s "
+                f"({self.docs / elapsed:.0f} docs/s, {self.bytes / 1e6 / elapsed:.2f} MB/s)")
+
+    def update(self, docs: int, nbytes: int) -> None:
+        self.docs += docs
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= (0.5 if self.tty else 10.0):
+            self.last = now
+            print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and self.last != self.start:
+            print(file=sys.stderr)
+
+
+def output_prefixes(args) -> List[str]:
+    keys = args.json_keys[:1] if args.format == "text" else args.json_keys
+    return [f"{args.output_prefix}_{key}_document" for key in keys]
+
+
+def check_output_dir(prefix: str) -> None:
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        raise DataError(f"output directory {directory} does not exist; create it or change "
+                        "--output-prefix")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DataError(f"output directory {directory} is not writable; change --output-prefix")
+
+
+@lru_cache(maxsize=1)
+def batch_builder_class():
+    """megatron-core's IndexedDatasetBuilder plus add_documents(), which writes a whole batch.
+
+    add_documents(tokens, lengths) gives the same .bin/.idx as add_document() called once per
+    document (a test checks this) with one write instead of thousands of small ones.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron-core warns about missing apex/TE on import
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    class BatchBuilder(IndexedDatasetBuilder):
+        def add_documents(self, tokens: np.ndarray, lengths: List[int]) -> None:
+            self.data_file.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
+            start = len(self.sequence_lengths)
+            self.sequence_lengths.extend(lengths)
+            self.document_indices.extend(range(start + 1, start + 1 + len(lengths)))
+
+    return BatchBuilder
+
+
+def preprocess(args) -> dict:
+    """Tokenize args.input into the .bin/.idx pairs; returns counts. Raises DataError."""
+    check_input(args.input)
+    args.format = input_format(args.input, args.input_format)
+    prefixes = output_prefixes(args)
+    check_output_dir(args.output_prefix)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                args.merge_file)
+    dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32  # DType.optimal_dtype
+    config = dict(tokenizer=dict(tokenizer_type=args.tokenizer_type,
+                                 tokenizer_model=args.tokenizer_model,
+                                 vocab_file=args.vocab_file, merge_file=args.merge_file),
+                  keys=args.json_keys[:len(prefixes)], format=args.format,
+                  append_eod=args.append_eod, dtype=dtype)
+    tag = f".tmp{os.getpid()}"
+    temps = [p + suffix + tag for p in prefixes for suffix in (".bin", ".idx")]
+    counts = dict(documents=0, tokens=0, empty=0, bad=0, first_bad="")
+    batches = encoded_batches(args, config)  # a generator: the pool starts on first next()
+    builders = []
+    progress = Progress()
+    try:
+        first = next(batches, None)  # so the workers fork before the heavy megatron import
+        builder_class = batch_builder_class()
+        try:
+            for prefix in prefixes:
+                builders.append(builder_class(prefix + ".bin" + tag, dtype=dtype))
+        except OSError as exc:
+            raise DataError(f"cannot write {prefixes[0]}.bin: {exc.strerror}; change "
+                            "--output-prefix") from None
+        for batch in _chain(first, batches):
+            if batch.bad:
+                if not args.skip_bad_lines:
+                    raise DataError(f"{args.input}: {batch.bad[0][1]} (or pass --skip-bad-lines)")
+                counts["first_bad"] = counts["first_bad"] or batch.bad[0][1]
+                counts["bad"] += len(batch.bad)
+            counts["empty"] += batch.empty
+            for builder, tokens, lengths in zip(builders, batch.tokens, batch.lengths):
+                builder.add_documents(tokens, lengths)
+            counts["documents"] += len(batch.lengths[0])
+            counts["tokens"] += int(batch.tokens[0].size)
+            progress.update(len(batch.lengths[0]), batch.input_bytes)
+        progress.finish()
+        counts["summary"] = progress.line()
+        if counts["documents"] == 0:
+            raise DataError(f"{args.input} has no usable documents ({counts['empty']} empty, "
+                            f"{counts['bad']} bad lines); nothing written")
+        for prefix, builder in zip(prefixes, builders):
+            builder.finalize(prefix + ".idx" + tag)
+        for prefix in prefixes:  # the .idx last: a prefix "exists" only once both are there
+            if os.path.exists(prefix + ".idx"):
+                os.remove(prefix + ".idx")
+            os.replace(prefix + ".bin" + tag, prefix + ".bin")
+            os.replace(prefix + ".idx" + tag, prefix + ".idx")
+    except OSError as exc:
+        raise DataError(f"writing {args.output_prefix}* failed: {exc}; check the disk and "
+                        "--output-prefix") from None
+    finally:
+        batches.close()
+        for builder in builders:
+            builder.data_file.close()  # no public close(); finalize() closes it too
+        for path in temps:
+            if os.path.isfile(path):
+                os.remove(path)
+    return counts
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+        yield from rest
+
+
+# ---------------------------------------------------------------------------- command line
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Tokenize jsonl/txt into Megatron .bin/.idx "
+                    "(PREFIX_<key>_document.bin/.idx).")
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", required=True, help="jsonl, or .txt with one document per line")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="keys to extract from each JSON line (default: text)")
+    group.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                       help="auto: .txt is plain text, anything else jsonl")
+    group.add_argument("--skip-bad-lines", action="store_true",
+                       help="skip (and count) lines that are not valid JSON/UTF-8 or lack a key")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", help="sentencepiece .model (SentencePieceTokenizer)")
+    group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    group.add_argument("--append-eod", action="store_true",
+                       help="append the end-of-document id to every document")
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True,
+                       help="path prefix; writes PREFIX_<key>_document.bin/.idx")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    group.add_argument("--chunk-size", type=int, default=64,
+                       help="lines per task sent to a worker (default: 64)")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.chunk_size < 1:
+        parser.error("--workers and --chunk-size must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        counts = preprocess(args)
+    except (DataError, TokenizerError) as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; nothing written")
+    skipped = f"; skipped {counts['empty']} empty documents"
+    if counts["bad"]:
+        skipped += f" and {counts['bad']} bad lines (first: {counts['first_bad']})"
+    names = ", ".join(p + ".bin/.idx" for p in output_prefixes(args))
+    print(f"done: {counts['summary']}, {counts['tokens']} tokens{skipped}; wrote {names}",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
