@@ -91,7 +91,7 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
-    share_embeddings_and_output_weights: bool = True,
+    share_embeddings_and_output_weights: bool = False,
     position_embedding_type: str = "learned_absolute",
     parallel_output: bool = True,
     transformer_impl: Optional[str] = None,

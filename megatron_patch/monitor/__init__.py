@@ -1,0 +1,1 @@
+"""Training-stability diagnostics: per-layer statistics and (later) spike detection."""

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtualenv .venv with this package and its extras installed.
+# Usage: bash tools/setup_env.sh [EXTRAS]      (EXTRAS default: dev; e.g. "dev,wandb")
+# A CPU machine must not pull torch's multi-GB CUDA build: if torch is missing we install the
+# CPU wheel from TORCH_WHEEL_DIR (default /opt/wheels) when it is there, else from
+# TORCH_INDEX_URL (default: PyTorch's CPU index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+venv="${VENV:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+    wheel_dir="${TORCH_WHEEL_DIR:-/opt/wheels}"
+    if ls "$wheel_dir"/torch-2.13.0*.whl >/dev/null 2>&1; then
+        pip_install --find-links "$wheel_dir" "torch==2.13.0"
+    elif [ -n "${TORCH_INDEX_URL:-}" ] || ! command -v nvidia-smi >/dev/null; then
+        pip_install --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" torch
+    else
+        pip_install torch
+    fi
+fi
+pip_install -e ".[$extras]"
+echo "environment ready: $venv ($("$py" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"
