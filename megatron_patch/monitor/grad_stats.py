@@ -1,0 +1,102 @@
+"""Per-layer gradient and weight norms by parameter group, reduced across TP and PP ranks.
+
+Groups: per Transformer layer (global layer number, 1-based) "attention", "ffn", "ln" (the
+layer's norms) and "gate" (WeSaR gates); plus "embedding" (tables and the Embed LN), "final_ln"
+and "output_layer". Every rank fills the same fixed vector of squared norms; parameters that are
+replicated across TP ranks are counted on TP rank 0 only and tied embeddings once, then one
+all-reduce over the model-parallel group completes it. The squares add up to the global gradient
+norm that megatron-core's clipping computes.
+
+Gradients are read from the DDP `main_grad` buffers after `finalize_model_grads` (i.e. in the
+trainer's on_before_optimizer_step), divided by the loss scale. The distributed optimizer leaves
+only this rank's shard of each buffer reduced, so it is refused for now.
+"""
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+LAYER_GROUPS = ("attention", "ffn", "ln", "gate")
+MODEL_GROUPS = ("embedding", "final_ln", "output_layer")
+
+
+def group_keys(num_layers: int) -> List[Tuple]:
+    """The fixed order of the reduced vector: (layer, group) pairs, then model-level groups."""
+    return [(layer, g) for layer in range(1, num_layers + 1) for g in LAYER_GROUPS] + \
+        [(None, g) for g in MODEL_GROUPS]
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def classify(name: str, layer_number) -> Tuple:
+    """(layer, group) of a parameter name within a GPTModel chunk."""
+    if layer_number is not None:
+        if name.endswith("wesar_gate"):
+            return layer_number, "gate"
+        if "layernorm" in name:
+            return layer_number, "ln"
+        if ".self_attention." in name:
+            return layer_number, "attention"
+        if ".mlp." in name:
+            return layer_number, "ffn"
+        raise ValueError(f"cannot classify layer parameter {name}")
+    if name.startswith("embedding."):
+        return None, "embedding"
+    if name.startswith("decoder.final_layernorm"):
+        return None, "final_ln"
+    if name.startswith("output_layer"):
+        return None, "output_layer"
+    raise ValueError(f"cannot classify parameter {name}")
+
+
+def _layer_numbers(model) -> Dict[str, int]:
+    """'decoder.layers.3.' prefix -> global 1-based layer number (PP/VP aware)."""
+    return {f"{n}.": m.layer_number for n, m in model.named_modules()
+            if hasattr(m, "layer_number") and n.startswith("decoder.layers.") and n.count(".") == 2}
+
+
+def named_parameter_groups(chunks: Sequence[torch.nn.Module]):
+    """Yields (key, name, param) for every parameter counted once across TP/PP/tied copies."""
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    seen = set()
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        prefixes = _layer_numbers(model)
+        for name, p in model.named_parameters():
+            if id(p) in seen or not param_is_not_shared(p) or not param_is_not_tensor_parallel_duplicate(p):
+                continue
+            seen.add(id(p))
+            layer = next((num for pre, num in prefixes.items() if name.startswith(pre)), None)
+            yield classify(name, layer), name, p
+
+
+def squared_norms(chunks, num_layers: int, use_grads: bool = True, loss_scale: float = 1.0):
+    """{key: squared norm} of grads (main_grad, unscaled) or weights, complete on every rank."""
+    from megatron.core import parallel_state
+
+    keys = group_keys(num_layers)
+    index = {k: i for i, k in enumerate(keys)}
+    device = next(iter(_unwrap(chunks[0]).parameters())).device
+    totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    for key, _, p in named_parameter_groups(chunks):
+        t = getattr(p, "main_grad", None) if use_grads else p
+        if t is None:
+            t = p.grad if use_grads else None
+        if t is not None:
+            totals[index[key]] += t.detach().double().pow(2).sum()
+    if use_grads and loss_scale != 1.0:
+        totals /= loss_scale ** 2
+    if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
+        torch.distributed.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+    return {k: totals[i].item() for i, k in enumerate(keys)}
+
+
+def key_name(key: Tuple) -> str:
+    layer, group = key
+    return group if layer is None else f"layer{layer:02d}/{group}"
