@@ -117,7 +117,7 @@ def _gpt2_pretokenizer() -> "re.Pattern":
 
 
 class GPT2BPETokenizer:
-    """GPT-2's byte-level BPE: split text into words, map bytes to characters, merge pairs by rank."""
+    """GPT-2's byte-level BPE: split text into words, bytes to characters, merge pairs by rank."""
 
     EOD_TOKEN = "<|endoftext|>"
 
@@ -173,7 +173,8 @@ class GPT2BPETokenizer:
             raise TokenizerError(f"vocab file {vocab_file} has no {self.EOD_TOKEN} token; {fix}")
         for char in self.byte_to_char:
             if char not in self.encoder:
-                raise TokenizerError(f"vocab file {vocab_file} lacks the byte token {char!r}; {fix}")
+                raise TokenizerError(f"vocab file {vocab_file} lacks the byte token {char!r}; "
+                                     f"{fix}")
         for first, second in self.ranks:
             if first + second not in self.encoder:
                 raise TokenizerError(f"merge {first} {second} of {merge_file} makes a token that "
@@ -183,7 +184,8 @@ class GPT2BPETokenizer:
         """Apply the merges to one word (a string of byte characters), lowest rank first."""
         parts = list(word)
         while len(parts) > 1:
-            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            never = len(self.ranks)
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, never))
             if best not in self.ranks:
                 break
             merged, i = [], 0

