@@ -68,3 +68,20 @@ def test_per_layer_grad_norms_equal_direct_computation(mcore):
     assert layer.layer_number == 2
     total = math.sqrt(sum(norms.values()))
     assert total == pytest.approx(math.sqrt(direct(lambda n: True)), rel=1e-9)
+
+
+def test_activation_stats_match_the_ln_inputs(mcore):
+    from megatron_patch.monitor.activation_stats import ActivationStats
+    from megatron_patch.monitor.layer_stats import LayerNormProbes
+
+    torch.manual_seed(0)
+    cfg = StabilityConfig(num_layers=3, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    model = build_gpt_model(cfg, 64, 16)
+    ids = torch.randint(0, 64, (2, 16))
+    with ActivationStats([model], 3) as stats, LayerNormProbes(model) as probes:
+        model(ids, torch.arange(16).expand(2, 16), None, labels=ids)
+    result = stats.result()
+    assert result[(1, "attn_ln_in")] == pytest.approx(
+        probes.probes["decoder.layers.0.input_layernorm"].input_std(), rel=0.05)
+    # Vanilla recipe: the stream grows with depth ([SNM] §3).
+    assert result[(1, "attn_ln_in")] < result[(3, "attn_ln_in")] < result[(None, "final_ln_in")]
