@@ -1,52 +1,74 @@
-"""Checkpointing fixes for megatron-core 0.16.1's DistributedOptimizer over torch's Adam/AdamW.
+"""Checkpoint fixes for megatron-core 0.16.1's DistributedOptimizer over torch's Adam/AdamW.
 
-Without apex or Transformer Engine (always on CPU, possibly on GPU), megatron-core runs the
+Without apex or Transformer Engine (always on CPU, possibly on GPU) megatron-core runs the
 distributed optimizer on `torch.optim.AdamW`, whose per-parameter state holds a `step` tensor.
-Upstream's handling of that `step` has three faults (`optimizer/distrib_optimizer.py`):
+Upstream (`optimizer/distrib_optimizer.py`) mishandles that `step` and the fp32 main params:
 1. `state_dict()` asserts that all parameters share one `step` value, which fails (empty list)
-   on a fresh optimizer; `sharded_state_dict(is_loading=True)` calls it first, so loading into
-   a new run always fails.  -> `prime_state()` allocates the state exactly as AdamW's first step
-   would (step 0, zero moments), before any sharded_state_dict.
-2. (the KeyError 'step' on load is a consequence of 1: no state to attach it to.)
-3. **Silent:** `load_state_dict` gives one shared `step` tensor to every parameter; AdamW then
-   increments it once per parameter per step, so bias correction is wrong after a resume (the
-   step reads 30 instead of 2 after one step with 28 parameters).  -> `untie_steps()` gives each
-   parameter its own copy after loading.
-Both functions do nothing for other optimizers (regular megatron-core optimizers restore the
-step with a deepcopy per parameter; TE/apex Adam keeps it in the param groups).
+   on a fresh optimizer; `sharded_state_dict(is_loading=True)` calls it first, so loading into a
+   new run fails (and without state, loading raises KeyError 'step').
+   -> `prime_state()` allocates the state exactly as AdamW's first step would (step 0, zero
+   moments) before any sharded_state_dict; no effect on the math.
+2. **Silent:** `load_state_dict` restores `step` from the param groups as ONE tensor shared by
+   every parameter, and the dp_reshardable parameter-state load then copies the stale local
+   step (0 after priming) over it. AdamW would restart bias correction at step 0 and advance the
+   shared counter once per parameter per step (30 instead of 2 after one step).
+   -> `load_state_dict()` reads the saved step first and gives each parameter its own copy.
+3. With fp32 parameters the main params are views of the model params (leaves that require
+   grad); upstream copies into them outside `torch.no_grad()` and raises "a view of a leaf
+   Variable ... in-place operation".  -> `load_state_dict()` runs under `torch.no_grad()`.
+The functions leave other optimizers alone (megatron-core's regular optimizers restore `step`
+with a per-parameter deepcopy; TE/apex Adam keep it in the param groups).
 """
 
 import torch
 
 
-def _inner_torch_adams(optimizer):
-    """torch Adam/AdamW instances inside megatron-core DistributedOptimizer(s) of `optimizer`."""
+def _distributed_torch_adams(optimizer, state_dict=None):
+    """(torch Adam/AdamW inside a DistributedOptimizer, its part of `state_dict`) pairs."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [opt.optimizer for opt in chained
+    if state_dict is None or len(chained) == 1:
+        parts = [state_dict] * len(chained)
+    elif isinstance(state_dict, dict):
+        parts = [v for _, v in sorted(state_dict.items())]
+    else:
+        parts = list(state_dict)
+    return [(opt.optimizer, part) for opt, part in zip(chained, parts)
             if isinstance(opt, DistributedOptimizer)
             and isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def prime_state(optimizer) -> None:
     """Allocate missing Adam state as torch would on the first step (no effect on the math)."""
-    for adam in _inner_torch_adams(optimizer):
+    for adam, _ in _distributed_torch_adams(optimizer):
         for group in adam.param_groups:
             for p in group["params"]:
                 if adam.state.get(p):
                     continue
-                state = {"step": torch.tensor(0.0, dtype=torch.float32),
-                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+                state = {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": zeros(),
+                         "exp_avg_sq": zeros()}
                 if group.get("amsgrad"):
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = zeros()
                 adam.state[p] = state
 
 
-def untie_steps(optimizer) -> None:
-    """Give every parameter its own `step` tensor (upstream shares one after load)."""
-    for adam in _inner_torch_adams(optimizer):
+def _saved_step(part):
+    try:
+        steps = {g["step"] for g in part["optimizer"]["param_groups"] if g.get("step") is not None}
+    except (KeyError, TypeError):
+        return None
+    return float(steps.pop()) if len(steps) == 1 else None
+
+
+def load_state_dict(optimizer, state_dict) -> None:
+    """`optimizer.load_state_dict(state_dict)` with faults 2 and 3 fixed (any megatron-core optimizer)."""
+    steps = [(adam, _saved_step(part)) for adam, part in _distributed_torch_adams(optimizer, state_dict)]
+    with torch.no_grad():
+        optimizer.load_state_dict(state_dict)
+    for adam, step in steps:
         for state in adam.state.values():
             if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].detach().clone()
+                value = state["step"] if step is None else torch.tensor(step, dtype=state["step"].dtype)
+                state["step"] = value.detach().clone()

@@ -43,6 +43,9 @@ def add_checkpointing_args(parser):
     g.add_argument("--use-dist-ckpt", action="store_true", help="Accepted; always on.")
     g.add_argument("--auto-detect-ckpt-format", action="store_true", help="Accepted; always on.")
     g.add_argument("--dist-ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="Distributed optimizer: save its state resharable across TP/PP too "
+                        "(gathered on DP rank 0); default dp_reshardable (DP changes only).")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM (e.g. Slurm preemption): save a checkpoint and exit cleanly.")
     return parser
@@ -106,7 +109,7 @@ def _sharded_rng(with_state=True):
                          replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading):
+def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading, metadata):
     from megatron_patch.compat import distributed_optimizer as dopt_fix
 
     from .model_builder import unwrap
@@ -114,8 +117,7 @@ def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading):
     sd = {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(ctx.model)}
     if with_optimizer:
         dopt_fix.prime_state(ctx.optimizer)  # upstream's dist-opt state_dict needs a 'step'
-        sd["optimizer"] = ctx.optimizer.sharded_state_dict(sd, is_loading=is_loading,
-                                                           metadata=_optimizer_metadata(ctx.args))
+        sd["optimizer"] = ctx.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
         sd["opt_param_scheduler"] = ctx.scheduler.state_dict()
     if with_rng:
         sd["rng_state"] = _sharded_rng()
@@ -123,7 +125,9 @@ def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading):
 
 
 def _optimizer_metadata(args):
-    return {"distrib_optim_sharding_type": "fully_sharded_model_space",
+    """How optimizer state is laid out in the checkpoint (stored in it as content metadata)."""
+    sharding = "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return {"distrib_optim_sharding_type": sharding if args.use_distributed_optimizer else None,
             "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
 
 
@@ -139,7 +143,8 @@ def save_checkpoint(ctx, state) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
         os.makedirs(tmp)
     _barrier()
-    sd = _sharded_state_dict(ctx, not args.no_save_optim, not args.no_save_rng, is_loading=False)
+    metadata = _optimizer_metadata(args)
+    sd = _sharded_state_dict(ctx, not args.no_save_optim, not args.no_save_rng, False, metadata)
     sd.update(
         format_version=FORMAT_VERSION, iteration=state.iteration,
         consumed_train_samples=state.consumed_train_samples,
@@ -149,7 +154,7 @@ def save_checkpoint(ctx, state) -> str:
         has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
-    dist_checkpointing.save(sd, tmp, content_metadata=_optimizer_metadata(args))
+    dist_checkpointing.save(sd, tmp, content_metadata=metadata)
     _barrier()
     if _rank0():
         if os.path.isdir(final):  # re-saving the same iteration: keep the old one until replaced
@@ -223,21 +228,28 @@ def load_checkpoint(ctx, state) -> bool:
                          f"{'with' if common['use_distributed_optimizer'] else 'without'} "
                          "--use-distributed-optimizer; match it or pass --no-load-optim")
     same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {k: _layout()[k] for k in ("tp", "pp")}
+    metadata = dist_checkpointing.load_content_metadata(path) or _optimizer_metadata(args)
+    if load_optim and not same_layout and metadata.get("distrib_optim_sharding_type") == "dp_reshardable":
+        raise SetupError(f"{path}: its distributed-optimizer state (dp_reshardable) was saved at "
+                         f"TP={common['layout']['tp']} PP={common['layout']['pp']} and cannot be resharded; "
+                         "resume at that layout, pass --no-load-optim, or save with "
+                         "--dist-ckpt-optim-fully-reshardable")
     load_rng = not args.no_load_rng and common["has_rng"] and same_layout
     if not args.no_load_rng and common["has_rng"] and not same_layout and _rank0():
         print(f" > checkpoint layout {common['layout']} differs from {_layout()}: RNG states not restored",
               flush=True)
 
-    sd = _sharded_state_dict(ctx, load_optim, load_rng, is_loading=True)
+    sd = _sharded_state_dict(ctx, load_optim, load_rng, True, metadata)
     try:
         loaded = dist_checkpointing.load(sd, path)
         for i, chunk in enumerate(ctx.model):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
         if load_optim:
-            ctx.optimizer.load_state_dict(loaded["optimizer"])
-            dopt_fix.untie_steps(ctx.optimizer)
+            dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"])
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     except Exception as exc:  # noqa: BLE001
+        if os.environ.get("MEGATRON_PATCH_DEBUG"):
+            raise
         raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if load_rng:
         _set_rng_state(loaded["rng_state"])
