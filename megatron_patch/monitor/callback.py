@@ -1,0 +1,196 @@
+"""StabilityMonitor: the trainer callback that measures, detects spikes and acts on them.
+
+Every `--monitor-interval` steps (and on every spike) it records per-layer gradient norms by
+parameter group, per-layer residual-stream std at each pre-LN, and per-group update/weight ratios,
+to a compact jsonl (`--monitor-dir`) and to TensorBoard/wandb through the trainer's logger.
+
+Spike policy (`--spike-policy`):
+  log       record the spike with the step's per-layer stats, apply the update anyway;
+  skip      do not apply the update (every rank agrees: the trainer combines the votes);
+  rollback  as skip, and after `--rollback-after` spikes within `--rollback-window` steps ask the
+            trainer to reload the last good checkpoint, optionally skipping the data that came
+            after it (`--rollback-skip-data`) and scaling the lr by `--rollback-lr-factor` for
+            `--rollback-lr-steps` steps.
+A non-finite loss or gradient norm is never applied, whatever the policy.
+"""
+
+import json
+import math
+import os
+from collections import deque
+
+import torch
+
+from .activation_stats import ActivationStats
+from .grad_stats import key_name, named_parameter_groups, squared_norms
+from .spike_detector import SpikeDetector
+
+
+def add_monitor_args(parser):
+    g = parser.add_argument_group("stability monitor (per-layer stats, spike detection)")
+    g.add_argument("--monitor-interval", type=int, default=0,
+                   help="Record per-layer statistics every K steps (0: monitor off).")
+    g.add_argument("--monitor-dir", default=None, help="Where to write monitor.jsonl (default: --save or cwd).")
+    g.add_argument("--monitor-update-ratio", action="store_true",
+                   help="Also record per-group update/weight ratios (keeps an fp32 copy of the "
+                        "weights during measured steps only).")
+    g.add_argument("--spike-policy", choices=["off", "log", "skip", "rollback"], default="off",
+                   help="What to do on a loss / grad-norm spike (non-finite values are never applied).")
+    g.add_argument("--spike-window", type=int, default=128, help="Healthy steps the statistics use.")
+    g.add_argument("--spike-min-history", type=int, default=16)
+    g.add_argument("--spike-zscore", type=float, default=6.0, help="Flag x > mean + Z*std (<=0: off).")
+    g.add_argument("--spike-ratio", type=float, default=0.0, help="Flag x > R*median (<=0: off).")
+    g.add_argument("--rollback-after", type=int, default=3, help="Spikes that trigger a rollback.")
+    g.add_argument("--rollback-window", type=int, default=50, help="...within this many steps.")
+    g.add_argument("--rollback-skip-data", action="store_true",
+                   help="After a rollback, continue with the data that follows the spikes.")
+    g.add_argument("--rollback-lr-factor", type=float, default=1.0)
+    g.add_argument("--rollback-lr-steps", type=int, default=0)
+    return parser
+
+
+def monitor_enabled(args) -> bool:
+    return bool(args.monitor_interval) or args.spike_policy != "off"
+
+
+def validate_monitor_args(args, fail) -> None:
+    if args.monitor_interval < 0:
+        fail("--monitor-interval must be >= 0")
+    if args.spike_policy != "off" and args.spike_zscore <= 0 and args.spike_ratio <= 0:
+        fail("--spike-policy needs --spike-zscore > 0 or --spike-ratio > 0")
+    if args.spike_policy == "rollback" and not (args.save and args.save_interval):
+        fail("--spike-policy rollback needs --save and --save-interval (a checkpoint to go back to)")
+    if monitor_enabled(args) and getattr(args, "use_distributed_optimizer", False):
+        fail("the stability monitor reads full gradients; it does not support --use-distributed-optimizer yet")
+    if not 0 < args.rollback_lr_factor <= 1:
+        fail("--rollback-lr-factor must be in (0, 1]")
+
+
+class StabilityMonitor:
+    def __init__(self, args, logger=None):
+        self.args, self.logger = args, logger
+        self.interval = args.monitor_interval
+        self.detector = SpikeDetector(
+            window=args.spike_window, min_history=args.spike_min_history,
+            z_threshold=args.spike_zscore if args.spike_zscore > 0 else None,
+            ratio_threshold=args.spike_ratio if args.spike_ratio > 0 else None)
+        self.recent_spikes = deque()
+        self.spike_log = []  # every SpikeEvent, for callers and tests
+        self._acts = self._snapshot = self._record = None
+        self._writer = None
+
+    # ----- helpers
+    def _chunks(self, state):
+        chunks = []
+        for c in state.model:
+            while hasattr(c, "module"):
+                c = c.module
+            chunks.append(c)
+        return chunks
+
+    def _measured(self, iteration) -> bool:
+        return bool(self.interval) and iteration % self.interval == 0
+
+    def _is_writer_rank(self) -> bool:
+        from megatron.core import parallel_state as ps
+
+        return ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_data_parallel_rank() == 0
+
+    def _write(self, record):
+        if not self._is_writer_rank():
+            return
+        if self._writer is None:
+            root = self.args.monitor_dir or self.args.save or "."
+            os.makedirs(root, exist_ok=True)
+            self._writer = open(os.path.join(root, "monitor.jsonl"), "a")
+        self._writer.write(json.dumps(record) + "\n")
+        self._writer.flush()
+        if self.logger is not None and hasattr(self.logger, "_scalar"):
+            step = record["iteration"]
+            for section in ("grad_norm", "act_std", "update_ratio"):
+                for k, v in record.get(section, {}).items():
+                    self.logger._scalar(f"monitor/{section}/{k}", v, step)
+
+    # ----- trainer hooks
+    def on_step_start(self, state):
+        if self._measured(state.iteration):
+            self._acts = ActivationStats(self._chunks(state), self.args.num_layers).__enter__()
+
+    def on_before_optimizer_step(self, state) -> bool:
+        loss_scale = float(state.optimizer.get_loss_scale())
+        grad_norm = state.current_grad_norm() / loss_scale
+        spikes = self.detector.observe(state.iteration, loss=state.loss, grad_norm=grad_norm)
+        non_finite = any(e.reason == "non-finite" for e in spikes)
+        self._record = None
+        if spikes or self._measured(state.iteration):
+            norms = squared_norms(state.model, self.args.num_layers, loss_scale=loss_scale)
+            self._record = {"iteration": state.iteration, "loss": state.loss, "grad_norm_total": grad_norm,
+                            "grad_norm": {key_name(k): math.sqrt(v) for k, v in norms.items()},
+                            "spikes": [e.as_dict() for e in spikes]}
+            if self._acts is not None:
+                self._acts.__exit__(None, None, None)
+                self._record["act_std"] = {key_name(k): v for k, v in self._acts.result().items()}
+                self._acts = None
+            if self.args.monitor_update_ratio and self._measured(state.iteration):
+                self._snapshot = [(key, p, p.detach().float().clone())
+                                  for key, _, p in named_parameter_groups(self._chunks(state))]
+        if spikes:
+            self.spike_log += spikes
+            self.recent_spikes.append(state.iteration)
+        skip = non_finite or (bool(spikes) and self.args.spike_policy in ("skip", "rollback"))
+        if self._record is not None:
+            self._record["skipped"] = skip
+        return skip
+
+    def on_step_end(self, state):
+        if self._acts is not None:  # measured step that never reached the optimizer hook
+            self._acts.__exit__(None, None, None)
+            self._acts = None
+        if self._snapshot is not None:
+            self._record["update_ratio"] = self._update_ratios()
+            self._snapshot = None
+        if self._record is not None:
+            self._write(self._record)
+            self._record = None
+        self._maybe_request_rollback(state)
+
+    def _update_ratios(self):
+        from megatron.core import parallel_state
+
+        keys = sorted({k for k, _, _ in self._snapshot}, key=str)
+        index = {k: i for i, k in enumerate(keys)}
+        sums = torch.zeros(len(keys), 2, dtype=torch.float64)
+        for key, p, before in self._snapshot:
+            sums[index[key], 0] += (p.detach().float() - before).double().pow(2).sum().item()
+            sums[index[key], 1] += before.double().pow(2).sum().item()
+        # Keys differ across PP stages: reduce over a fixed vector built from the gathered names.
+        if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_model_parallel_group()
+            gathered = [None] * torch.distributed.get_world_size(group)
+            torch.distributed.all_gather_object(gathered, {key_name(k): sums[i].tolist() for k, i in index.items()},
+                                                group=group)
+            total = {}
+            for part in gathered:
+                for name, (du, w) in part.items():
+                    a, b = total.get(name, (0.0, 0.0))
+                    total[name] = (a + du, b + w)
+        else:
+            total = {key_name(k): tuple(sums[i].tolist()) for k, i in index.items()}
+        return {name: math.sqrt(du / w) for name, (du, w) in total.items() if w > 0}
+
+    def _maybe_request_rollback(self, state):
+        if self.args.spike_policy != "rollback":
+            return
+        while self.recent_spikes and self.recent_spikes[0] <= state.iteration - self.args.rollback_window:
+            self.recent_spikes.popleft()
+        if len(self.recent_spikes) >= self.args.rollback_after:
+            self.recent_spikes.clear()
+            state.extra["rollback"] = dict(skip_data=self.args.rollback_skip_data,
+                                           lr_factor=self.args.rollback_lr_factor,
+                                           lr_steps=self.args.rollback_lr_steps)
+
+    def on_train_end(self, state):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
