@@ -77,10 +77,16 @@ def validate_data_args(args) -> None:
                 if not os.path.isfile(prefix + ext):
                     raise SetupError(f"data file {prefix + ext} not found (give the prefix without "
                                      ".bin/.idx; make it with tools/preprocess_data.py)")
-    if args.tokenizer_type is None:
-        if not args.mock_data:
-            raise SetupError("--tokenizer-type is required with --data-path")
-        args.tokenizer_type = "NullTokenizer"
+    if args.tokenizer_type is None:  # infer from the files given, else refuse
+        if args.vocab_file and args.merge_file:
+            args.tokenizer_type = "GPT2BPETokenizer"
+        elif args.tokenizer_model:
+            args.tokenizer_type = "SentencePieceTokenizer"
+        elif args.mock_data and args.vocab_size:
+            args.tokenizer_type = "NullTokenizer"
+        else:
+            raise SetupError("--tokenizer-type is required (with --tokenizer-model, or --vocab-file "
+                             "and --merge-file; NullTokenizer with --vocab-size for --mock-data)")
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         raise SetupError("--tokenizer-type NullTokenizer needs --vocab-size")
 

@@ -16,7 +16,7 @@ def add_training_args(parser):
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Default: micro-batch size x data-parallel size (no accumulation).")
-    g.add_argument("--rampup-batch-size", nargs="*", default=None, help="Not supported.")
+    g.add_argument("--rampup-batch-size", nargs="*", default=None, help="Refused with --train-iters, as in Megatron-LM.")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None, help="Not supported; use --train-iters.")
     g.add_argument("--exit-interval", type=int, default=None,
@@ -35,7 +35,8 @@ def add_training_args(parser):
 
 def validate_training_args(args) -> None:
     if args.rampup_batch_size:
-        raise SetupError("--rampup-batch-size is not supported by this trainer")
+        raise SetupError("expected no batch-size rampup for iteration-based training "
+                         "(--rampup-batch-size with --train-iters, as Megatron-LM)")
     if args.train_samples is not None:
         raise SetupError("--train-samples is not supported; give --train-iters")
     if args.train_iters is None:

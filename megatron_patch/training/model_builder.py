@@ -21,6 +21,8 @@ def add_model_args(parser):
                    default="learned_absolute")
     g.add_argument("--use-rotary-position-embeddings", action="store_true",
                    help="Deprecated alias of --position-embedding-type rope.")
+    g.add_argument("--no-position-embedding", action="store_true",
+                   help="Deprecated: no learned absolute position embedding.")
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -74,6 +76,8 @@ def validate_model_args(args) -> None:
                          f"--num-attention-heads {args.num_attention_heads}; set --kv-channels")
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
+    if args.no_position_embedding and args.position_embedding_type == "learned_absolute":
+        args.position_embedding_type = "none"
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
