@@ -200,16 +200,14 @@ def find_checkpoint(args):
     return path, iteration
 
 
-def load_checkpoint(ctx, state) -> bool:
-    """Restore model (+ optimizer, scheduler, RNG, data position) from --load. False if none."""
+def read_checkpoint_header(args, vocab_size, padded_vocab_size):
+    """(path, common state) of the checkpoint --load resumes from, checked against this run; or
+    None. Cheap (reads the tracker and common.pt): done before datasets and model are built."""
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.compat import distributed_optimizer as dopt_fix
-
-    args = ctx.args
     found = find_checkpoint(args)
     if found is None:
-        return False
+        return None
     path, _ = found
     try:
         common = dist_checkpointing.load_common_state_dict(path)
@@ -217,16 +215,30 @@ def load_checkpoint(ctx, state) -> bool:
         raise SetupError(f"unreadable checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
         raise SetupError(f"{path} is not a checkpoint written by this trainer")
-    if common["vocab_size"] != ctx.vocab_size or common["padded_vocab_size"] != ctx.padded_vocab_size:
+    if common["vocab_size"] != vocab_size or common["padded_vocab_size"] != padded_vocab_size:
         raise SetupError(
             f"vocabulary mismatch: checkpoint {path} has vocab {common['vocab_size']} (padded "
-            f"{common['padded_vocab_size']}), this run {ctx.vocab_size} (padded {ctx.padded_vocab_size}); "
+            f"{common['padded_vocab_size']}), this run {vocab_size} (padded {padded_vocab_size}); "
             "use the same tokenizer and --make-vocab-size-divisible-by")
-    load_optim = not args.no_load_optim and common["has_optimizer"]
-    if load_optim and common["use_distributed_optimizer"] != args.use_distributed_optimizer:
+    if not args.no_load_optim and common["has_optimizer"] \
+            and common["use_distributed_optimizer"] != args.use_distributed_optimizer:
         raise SetupError("the checkpoint's optimizer state was saved "
                          f"{'with' if common['use_distributed_optimizer'] else 'without'} "
                          "--use-distributed-optimizer; match it or pass --no-load-optim")
+    return path, common
+
+
+def load_checkpoint(ctx, state, header) -> bool:
+    """Restore model (+ optimizer, scheduler, RNG, data position) from `header`'s checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.compat import distributed_optimizer as dopt_fix
+
+    args = ctx.args
+    if header is None:
+        return False
+    path, common = header
+    load_optim = not args.no_load_optim and common["has_optimizer"]
     same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {k: _layout()[k] for k in ("tp", "pp")}
     metadata = dist_checkpointing.load_content_metadata(path) or _optimizer_metadata(args)
     if load_optim and not same_layout and metadata.get("distrib_optim_sharding_type") == "dp_reshardable":
@@ -240,6 +252,8 @@ def load_checkpoint(ctx, state) -> bool:
               flush=True)
 
     sd = _sharded_state_dict(ctx, load_optim, load_rng, True, metadata)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         loaded = dist_checkpointing.load(sd, path)
         for i, chunk in enumerate(ctx.model):
@@ -247,7 +261,7 @@ def load_checkpoint(ctx, state) -> bool:
         if load_optim:
             dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"])
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None

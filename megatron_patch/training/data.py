@@ -5,6 +5,7 @@ samples are a pure function of (seed, data, consumed samples), so a resumed run 
 exactly where it stopped.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -14,6 +15,16 @@ from .errors import SetupError
 
 _SPLITS = ("train", "validation", "test")
 _VOCAB_SCAN_TOKENS = 1 << 24  # tokens per data file read to check the vocabulary (~16M)
+
+
+class _MockCacheNoise(logging.Filter):
+    """Mock data has nothing worth caching; megatron-core warns about it three times per run."""
+
+    def filter(self, record):
+        return "indexes because path_to_cache is None" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_MockCacheNoise())
 
 
 def add_data_args(parser):

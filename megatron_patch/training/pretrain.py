@@ -23,6 +23,7 @@ def build(args, callbacks=None):
     if not args.mock_data:
         data.check_vocabulary(args, tokenizer)
     padded = model_builder.padded_vocab_size(tokenizer.vocab_size, args)
+    header = checkpointing.read_checkpoint_header(args, tokenizer.vocab_size, padded) if args.load else None
     datasets = data.build_datasets(args, tokenizer)
     config = args.transformer_config
     model = model_builder.build_model_chunks(args, config, padded, runtime.device)
@@ -32,8 +33,7 @@ def build(args, callbacks=None):
                        padded_vocab_size=padded, callbacks=CallbackList(callbacks))
     wire_schedule_config(ctx)
     state = TrainState()
-    if args.load:
-        checkpointing.load_checkpoint(ctx, state)
+    checkpointing.load_checkpoint(ctx, state, header)
     ctx.logger = TrainingLogger(args, padded, runtime.world_size)
     if runtime.rank == 0:
         print(f" > {runtime.device.type} x {runtime.world_size} ({runtime.backend}): TP={args.tensor_model_parallel_size}"

@@ -1,0 +1,83 @@
+"""Checkpoints: exact resume in one process, atomic writes, the init-checkpoint workflow."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_patch.training import checkpointing
+from tests.train_helpers import losses, run_inprocess, tiny_args
+
+
+def _params(ctx):
+    return {n: p.detach().clone() for n, p in ctx.model[0].named_parameters()}
+
+
+def _adam_state(ctx):
+    inner = ctx.optimizer.chained_optimizers[0].optimizer
+    return [{k: v.clone() for k, v in inner.state[p].items()} for g in inner.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_resume_continues_bit_exactly(tmp_path, distributed_optimizer):
+    extra = ["--use-distributed-optimizer"] if distributed_optimizer else []
+    argv = tiny_args("--train-iters", 6, "--hidden-dropout", 0.1, *extra, mock=True)  # dropout: RNG restored too
+    full = run_inprocess(argv + ["--save", tmp_path / "a", "--save-interval", 3])
+    resumed = run_inprocess(argv + ["--load", tmp_path / "a", "--ckpt-step", 3])
+    assert losses(resumed) == losses(full)[3:]
+    assert [h["grad_norm"] for h in resumed.history] == [h["grad_norm"] for h in full.history][3:]
+    pa, pb = _params(full), _params(resumed)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    for sa, sb in zip(_adam_state(full), _adam_state(resumed)):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert float(sb["step"]) == 6.0
+
+
+def test_layout_and_contents_and_tracker(tmp_path):
+    run_inprocess(tiny_args("--train-iters", 4, "--save", tmp_path, "--save-interval", 2, mock=True))
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000004", checkpointing.TRACKER]
+    assert (tmp_path / checkpointing.TRACKER).read_text() == "4"
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(tmp_path / "iter_0000004"))
+    assert common["iteration"] == 4 and common["consumed_train_samples"] == 32
+    assert common["layout"] == {"tp": 1, "pp": 1, "dp": 1} and common["padded_vocab_size"] == 256
+
+
+def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    real_save, calls = dist_checkpointing.save, []
+
+    def dying_save(sd, directory, **kw):
+        calls.append(directory)
+        if len(calls) == 2:  # second checkpoint: write half of it, then "crash"
+            open(os.path.join(directory, "__0_0.distcp"), "wb").write(b"partial")
+            raise KeyboardInterrupt("simulated crash during save")
+        return real_save(sd, directory, **kw)
+
+    monkeypatch.setattr(dist_checkpointing, "save", dying_save)
+    argv = tiny_args("--train-iters", 4, "--save", tmp_path, "--save-interval", 2, mock=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(argv)
+    assert (tmp_path / checkpointing.TRACKER).read_text() == "2"
+    assert (tmp_path / "iter_0000004.tmp").is_dir() and not (tmp_path / "iter_0000004").exists()
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    resumed = run_inprocess(argv + ["--load", tmp_path])  # resumes from 2, re-saves 4 cleanly
+    assert len(resumed.history) == 2 and resumed.history[0]["iteration"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000004", checkpointing.TRACKER]
+
+
+def test_initial_checkpoint_then_finetune_style_load(tmp_path):
+    """--train-iters 0 --save writes the initial weights (used to compare layouts from one init)."""
+    init = tmp_path / "init"
+    run_inprocess(tiny_args("--train-iters", 0, "--save", init, "--no-save-optim", "--no-save-rng", mock=True))
+    assert (init / checkpointing.TRACKER).read_text() == "0"
+    a = run_inprocess(tiny_args("--train-iters", 3, "--load", init, mock=True))
+    b = run_inprocess(tiny_args("--train-iters", 3, "--load", init, "--init-method-std", 0.5, mock=True))
+    assert losses(a) == losses(b)  # weights come from the checkpoint, not from the init flags
+
+
+def test_missing_checkpoint_starts_fresh_like_megatron_lm(tmp_path):
+    ctx = run_inprocess(tiny_args("--train-iters", 3, "--load", tmp_path / "none", mock=True))
+    assert ctx.history[0]["iteration"] == 1
