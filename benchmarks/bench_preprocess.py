@@ -7,6 +7,8 @@ For the same corpus it times (best of --repeats, runs interleaved):
              call of preprocess(); the one-off megatron-core import is done before timing)
 and prints MB/s of text (UTF-8 bytes of the documents), the pipeline overhead at one worker
 (time / raw time - 1; aim <= 20%) and the speed-up of N workers over one (aim >= 1.6x at 2).
+CPU seconds (this process plus the reaped pool workers) are shown too: on a shared machine
+they are a steadier measure of the overhead than wall time.
 
 Usage:
   python tools/prepare_corpus.py --output data/wiki.jsonl        # once
@@ -29,10 +31,17 @@ import train_tokenizer  # noqa: E402
 from megatron_patch.tokenizer import build_tokenizer  # noqa: E402
 
 
-def best_time(fn, times: list) -> None:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the pool's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(fn, times: list) -> None:
+    """Append (wall seconds, CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
     fn()
-    times.append(time.perf_counter() - start)
+    times.append((time.perf_counter() - wall, cpu_seconds() - cpu))
 
 
 def main() -> None:
@@ -66,20 +75,23 @@ def main() -> None:
 
         times = {"raw": [], **{w: [] for w in args.workers}}
         for _ in range(args.repeats):
-            best_time(lambda: [tokenizer.tokenize(t) for t in texts], times["raw"])
+            timed(lambda: [tokenizer.tokenize(t) for t in texts], times["raw"])
             for w in args.workers:
-                best_time(pipeline(w), times[w])
+                timed(pipeline(w), times[w])
 
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(wall for wall, _ in v) for k, v in times.items()}
+    cpu = {k: min(c for _, c in v) for k, v in times.items()}
     print(f"corpus: {args.input}: {len(texts)} documents, {megabytes:.2f} MB of text; "
           f"vocab {tokenizer.vocab_size}; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}; best of {args.repeats}")
-    print(f"{'run':<12}{'seconds':>9}{'MB/s':>8}{'x raw':>8}")
+    print(f"{'run':<12}{'wall s':>8}{'MB/s':>8}{'x raw':>7}{'CPU s':>8}")
     for key, seconds in best.items():
         name = "raw" if key == "raw" else f"workers={key}"
-        print(f"{name:<12}{seconds:>9.3f}{megabytes / seconds:>8.2f}{best['raw'] / seconds:>8.2f}")
+        print(f"{name:<12}{seconds:>8.3f}{megabytes / seconds:>8.2f}"
+              f"{best['raw'] / seconds:>7.2f}{cpu[key]:>8.3f}")
     if 1 in best:
-        print(f"overhead at 1 worker: {100 * (best[1] / best['raw'] - 1):+.1f}% (aim <= 20%)")
+        print(f"overhead at 1 worker: {100 * (best[1] / best['raw'] - 1):+.1f}% wall, "
+              f"{100 * (cpu[1] / cpu['raw'] - 1):+.1f}% CPU (aim <= 20%)")
         for w in args.workers:
             if w > 1:
                 print(f"speed-up of {w} workers over 1: {best[1] / best[w]:.2f}x "

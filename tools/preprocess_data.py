@@ -13,11 +13,13 @@ counted with --skip-bad-lines. Every user error is one `error: ...` line on stde
 status 1; outputs go to temporary names and are renamed only when complete, so no partial
 .bin/.idx is ever left behind.
 
-Workers: batches of lines are tokenized by a multiprocessing pool and written in input order, so
-any --workers gives byte-identical files; at most 4 batches per worker are in flight, so memory
-does not grow with the corpus (the index keeps one length per document, as in Megatron-LM).
+Workers: batches of lines (--chunk-size, at most 1 MiB) are tokenized by a multiprocessing pool
+and written in input order, so any --workers gives byte-identical files; at most 4 batches per
+worker are in flight, so memory does not grow with the corpus (the index keeps one length per
+document, as in Megatron-LM).
 """
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -62,17 +64,21 @@ def check_input(path: str) -> None:
         raise DataError(f"input {path} is not a readable file; pass a jsonl or .txt file")
 
 
+BATCH_BYTES = 1 << 20  # a batch also ends after 1 MiB of input, so long documents stay cheap
+
+
 def read_batches(path: str, batch_size: int) -> Iterator[Tuple[int, List[bytes]]]:
     """Yield (number of the first line, raw lines) in batches, streaming the file."""
     with open(path, "rb") as f:
-        first, batch = 1, []
+        first, batch, size = 1, [], 0
         for lineno, raw in enumerate(f, 1):
             if not batch:
                 first = lineno
             batch.append(raw)
-            if len(batch) == batch_size:
+            size += len(raw)
+            if len(batch) == batch_size or size >= BATCH_BYTES:
                 yield first, batch
-                batch = []
+                batch, size = [], 0
         if batch:
             yield first, batch
 
@@ -214,7 +220,12 @@ def encoded_batches(args, config: dict) -> Iterator[EncodedBatch]:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     throttle = Throttle(4 * args.workers)
-    with context.Pool(args.workers, initializer=init_worker, initargs=(config,)) as pool:
+    gc.freeze()  # the parent's objects stay out of the workers' GC: fewer copy-on-write pages
+    try:
+        pool = context.Pool(args.workers, initializer=init_worker, initargs=(config,))
+    finally:
+        gc.unfreeze()
+    with pool:
         try:
             for batch in pool.imap(encode_batch, throttle.feed(jobs)):
                 throttle.done_one()
@@ -354,7 +365,9 @@ def preprocess(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Tokenize jsonl/txt into Megatron .bin/.idx "
-                    "(PREFIX_<key>_document.bin/.idx).")
+                    "(PREFIX_<key>_document.bin/.idx).",
+        epilog="Empty or whitespace-only documents are skipped and counted. Errors are one line "
+               "on stderr (exit status 1) and leave no .bin/.idx behind.")
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="jsonl, or .txt with one document per line")
     group.add_argument("--json-keys", nargs="+", default=["text"],
@@ -375,8 +388,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="path prefix; writes PREFIX_<key>_document.bin/.idx")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    group.add_argument("--chunk-size", type=int, default=64,
-                       help="lines per task sent to a worker (default: 64)")
+    group.add_argument("--chunk-size", type=int, default=256,
+                       help="lines per task sent to a worker (at most 1 MiB; default: 256)")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.chunk_size < 1:
         parser.error("--workers and --chunk-size must be at least 1")

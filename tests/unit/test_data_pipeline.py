@@ -147,6 +147,16 @@ def test_one_and_two_workers_are_byte_identical(tmp_path, sp_model, capsys):
     assert "docs/s" in err and "MB/s" in err
 
 
+def test_batches_end_at_chunk_size_or_byte_cap(tmp_path, monkeypatch):
+    data = tmp_path / "lines.txt"
+    data.write_bytes(b"".join(b"x" * n + b"\n" for n in (10, 10, 200, 10, 10, 10)))
+    assert [(first, len(lines)) for first, lines in preprocess_data.read_batches(data, 4)] == [
+        (1, 4), (5, 2)]
+    monkeypatch.setattr(preprocess_data, "BATCH_BYTES", 100)
+    assert [(first, len(lines)) for first, lines in preprocess_data.read_batches(data, 4)] == [
+        (1, 3), (4, 3)]
+
+
 def test_batch_writer_matches_megatron_add_document(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
