@@ -135,6 +135,9 @@ def save_checkpoint(ctx, state) -> str:
     """Write iteration `state.iteration` atomically; returns the final directory."""
     from megatron.core import dist_checkpointing
 
+    from megatron_patch.compat.dist_checkpointing import use_in_process_results_queue
+
+    use_in_process_results_queue()  # synchronous save: no spawn-manager process
     args = ctx.args
     final = _iter_dir(args.save, state.iteration)
     tmp = final + ".tmp"
