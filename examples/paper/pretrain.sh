@@ -44,8 +44,9 @@ while [ $# -gt 0 ]; do
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
-[ -f "$here/sizes/$size.args" ] || die "--size must be one of: $(cd "$here/sizes" && ls -- *.args | sed 's/\.args$//' | xargs)"
-[ -f "$here/methods/$method.args" ] || die "--method must be one of: $(cd "$here/methods" && ls -- *.args | sed 's/\.args$//' | xargs)"
+choices() { local f names=(); for f in "$here/$1"/*.args; do f="${f##*/}"; names+=("${f%.args}"); done; echo "${names[*]}"; }
+[ -f "$here/sizes/$size.args" ] || die "--size must be one of: $(choices sizes)"
+[ -f "$here/methods/$method.args" ] || die "--method must be one of: $(choices methods)"
 case "$precision" in fp16|bf16) ;; *) die "--precision must be fp16 or bf16" ;; esac
 
 # Flags from the .args files: drop comments, split on whitespace (the files use no quoting).
