@@ -10,8 +10,11 @@ lives in megatron_patch/training/.
 import sys
 import warnings
 
-# megatron-core warns at import time that apex/Transformer Engine are absent (expected on CPU).
+# Upstream noise that says nothing about this run: megatron-core warns at import time that
+# apex/Transformer Engine are absent (expected on CPU), and TransformerConfig's own default
+# cuda_graph_scope triggers a deprecation warning.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 from megatron_patch.training.pretrain import main  # noqa: E402
 

@@ -68,7 +68,7 @@ def losses(ctx):
 
 
 def subprocess_env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def pretrain_cmd(argv):
