@@ -148,3 +148,16 @@ def test_scripts_are_shellcheck_clean():
     scripts = [s for s in SCRIPTS if (ROOT / s).exists()]
     r = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
+
+
+# ---------------------------------------------------------------- Docker (static: no daemon here)
+def test_dockerfile_pins_what_setup_py_pins_and_uses_existing_scripts():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG VARIANT=gpu" in dockerfile and "nvcr.io/nvidia/pytorch:" in dockerfile
+    assert "FROM base-${VARIANT}" in dockerfile and "python:3.11" in dockerfile
+    for script in re.findall(r"bash (docker/\S+\.sh)", dockerfile):
+        assert (ROOT / script).is_file(), script
+    pin = re.search(r"megatron-core==[\d.]+", (ROOT / "setup.py").read_text()).group(0)
+    assert pin in (ROOT / "docker" / "install.sh").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install megatron_patch in the image (the Dockerfile's RUN step; also runnable on a bare machine).
+#   bash docker/install.sh --variant gpu   # NGC PyTorch image: keep its torch, apex, Transformer Engine
+#   bash docker/install.sh --variant cpu   # plain Python 3.11: CPU torch + the package in VENV (/opt/venv)
+# gpu: NGC images pin their packages in /etc/pip/constraint.txt. megatron-core==0.16.1 is installed
+# without dependencies and outside those pins (its own needs, torch>=2.6, numpy, packaging, are in
+# the image); our package without dependencies, then the two small ones it adds (sentencepiece, psutil).
+# NGC 25.xx images have Python 3.12: megatron-core 0.16.1 supports 3.12 (its metadata), our setup.py
+# still says <3.12, hence --ignore-requires-python until it is widened.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+variant=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --variant) variant="${2:?}"; shift 2 ;;
+        *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+pip_install() { "$python" -m pip install --no-cache-dir --disable-pip-version-check -q "$@"; }
+
+case "$variant" in
+    gpu)
+        python="${PYTHON:-python3}"
+        "$python" -c 'import torch; assert torch.version.cuda, "not a CUDA build of torch"'
+        PIP_CONSTRAINT="" pip_install --no-deps "megatron-core==0.16.1"
+        pip_install "sentencepiece>=0.2" psutil pytest pytest-timeout
+        pip_install --no-deps --ignore-requires-python -e .
+        ;;
+    cpu)
+        export VENV="${VENV:-/opt/venv}"
+        bash tools/setup_env.sh dev  # CPU torch wheel (never the CUDA build), then -e .[dev]
+        python="$VENV/bin/python"
+        ;;
+    *) echo "install.sh: --variant gpu or cpu" >&2; exit 2 ;;
+esac
+"$python" - <<'PY'
+import importlib.metadata as md
+
+import megatron.core
+import torch
+
+assert megatron.core.__version__ == "0.16.1", megatron.core.__version__
+found = {}
+for name in ("transformer_engine", "apex"):
+    try:
+        found[name] = md.version(name)
+    except md.PackageNotFoundError:
+        found[name] = "absent"
+print(f"megatron-core {megatron.core.__version__}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"Transformer Engine {found['transformer_engine']} (megatron-core 0.16.1 is tested with 2.9-2.11), "
+      f"apex {found['apex']}")
+PY
