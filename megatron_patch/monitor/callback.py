@@ -122,12 +122,13 @@ class StabilityMonitor:
         grad_norm = state.current_grad_norm() / loss_scale
         spikes = self.detector.observe(state.iteration, loss=state.loss, grad_norm=grad_norm)
         non_finite = any(e.reason == "non-finite" for e in spikes)
-        self._record = None
+        # One compact line per step (the loss curve); per-layer sections on measured/spike steps.
+        self._record = {"iteration": state.iteration, "loss": state.loss, "grad_norm_total": grad_norm}
+        if spikes:
+            self._record["spikes"] = [e.as_dict() for e in spikes]
         if spikes or self._measured(state.iteration):
             norms = squared_norms(state.model, self.args.num_layers, loss_scale=loss_scale)
-            self._record = {"iteration": state.iteration, "loss": state.loss, "grad_norm_total": grad_norm,
-                            "grad_norm": {key_name(k): math.sqrt(v) for k, v in norms.items()},
-                            "spikes": [e.as_dict() for e in spikes]}
+            self._record["grad_norm"] = {key_name(k): math.sqrt(v) for k, v in norms.items()}
             if self._acts is not None:
                 self._acts.__exit__(None, None, None)
                 self._record["act_std"] = {key_name(k): v for k, v in self._acts.result().items()}
@@ -139,8 +140,7 @@ class StabilityMonitor:
             self.spike_log += spikes
             self.recent_spikes.append(state.iteration)
         skip = non_finite or (bool(spikes) and self.args.spike_policy in ("skip", "rollback"))
-        if self._record is not None:
-            self._record["skipped"] = skip
+        self._record["skipped"] = skip
         return skip
 
     def on_step_end(self, state):
