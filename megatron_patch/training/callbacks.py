@@ -6,8 +6,9 @@ A callback is any object with some of these methods; missing ones are skipped:
     on_before_optimizer_step(state) -> bool | None
                                            after forward/backward and the gradient all-reduce,
                                            before the optimizer step; return True to skip this
-                                           update (it is then counted as skipped, the LR
-                                           schedule still advances as in Megatron-LM)
+                                           update (counted as skipped; like an fp16 overflow in
+                                           Megatron-LM the LR schedule does not advance, the
+                                           data position does)
     on_step_end(state)                     after the step; state.grad_norm/skipped are set
     on_eval_end(state, metrics)            after validation, metrics = {"lm loss": .., "ppl": ..}
     on_train_end(state)                    once, after the final checkpoint

@@ -7,6 +7,7 @@ exactly where it stopped.
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def add_data_args(parser):
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches go.")
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false")
     g.add_argument("--mmap-bin-files", dest="mmap_bin_files", action="store_true", default=True)
-    g.add_argument("--num-workers", type=int, default=2, help="Accepted; reads are in-process.")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="> 0: read the next micro-batch in a background thread; 0: inline.")
     g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
@@ -231,23 +233,43 @@ class MicroBatchIterator:
     The global batch at sample offset c holds samples [c, c + global_batch); micro-batch k of
     DP rank r holds [c + (k*dp + r)*mbs, ... + mbs), as Megatron-LM's pretraining sampler. The
     union over DP ranks is layout-independent, so DP=1 and DP=2 see the same global batches.
-    Past the end of the dataset it wraps around (validation repeats).
+    Past the end of the dataset it wraps around (validation repeats). With `prefetch`, one
+    thread reads the next micro-batch while the current one trains (reads are deterministic, so
+    this changes nothing but speed; the checkpoint stores sample counts, not iterator state).
     """
 
-    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed, device):
+    def __init__(self, dataset, micro_batch_size, dp_rank, dp_size, consumed, device, prefetch=True):
         self.dataset, self.mbs, self.device = dataset, micro_batch_size, device
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.next_start = consumed  # first sample of the next (mbs x dp) block
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if prefetch else None
+        self._pending = None
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        first = self.next_start + self.dp_rank * self.mbs
-        self.next_start += self.mbs * self.dp_size
+    def _read(self, first):
         n = len(self.dataset)
         samples = [self.dataset[(first + j) % n] for j in range(self.mbs)]
-        return {k: torch.stack([s[k] for s in samples]).to(self.device) for k in samples[0]}
+        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+    def _take_start(self):
+        first = self.next_start + self.dp_rank * self.mbs
+        self.next_start += self.mbs * self.dp_size
+        return first
+
+    def __next__(self):
+        if self._pool is None:
+            batch = self._read(self._take_start())
+        else:
+            pending = self._pending or self._pool.submit(self._read, self._take_start())
+            self._pending = self._pool.submit(self._read, self._take_start())
+            batch = pending.result()
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def make_iterator(args, dataset, consumed, device):
@@ -257,4 +279,5 @@ def make_iterator(args, dataset, consumed, device):
         return None
     return MicroBatchIterator(dataset, args.micro_batch_size,
                               parallel_state.get_data_parallel_rank(),
-                              parallel_state.get_data_parallel_world_size(), consumed, device)
+                              parallel_state.get_data_parallel_world_size(), consumed, device,
+                              prefetch=args.num_workers > 0)

@@ -1,5 +1,6 @@
 """The training loop on megatron-core's schedules (get_forward_backward_func), and evaluation."""
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -112,10 +113,22 @@ def wire_schedule_config(ctx) -> None:
         config.grad_sync_func = [m.start_grad_sync for m in model]
         if len(model) == 1:
             config.grad_sync_func = config.grad_sync_func[0]
-    if ctx.args.overlap_param_gather:
-        config.param_sync_func = [m.start_param_sync for m in model]
-        if len(model) == 1:
-            config.param_sync_func = config.param_sync_func[0]
+    # --overlap-param-gather: DDP gathers the updated shards in forward pre-hooks (Megatron-LM's
+    # default, no align_param_gather); see params_in_sync() for evaluation and checkpoints.
+
+
+@contextlib.contextmanager
+def params_in_sync(ctx):
+    """Full, current parameters on every rank (with --overlap-param-gather the distributed
+    optimizer leaves other ranks' shards stale until the next forward pre-hook)."""
+    hooked = [m for m in ctx.model if getattr(m, "use_forward_hook", False)]
+    for m in hooked:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m.enable_forward_pre_hook()
 
 
 def _forward_backward(ctx, iterators, forward_only):
@@ -176,7 +189,7 @@ def evaluate(ctx, iterators, num_batches) -> Optional[float]:
     for chunk in ctx.model:
         chunk.eval()
     results = []
-    with torch.no_grad():
+    with torch.no_grad(), params_in_sync(ctx):
         for _ in range(num_batches):
             results += _forward_backward(ctx, iterators, forward_only=True)
     for chunk in ctx.model:
@@ -208,7 +221,8 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
     def save():
         nonlocal last_saved
         if args.save and last_saved != state.iteration:
-            save_fn(state)
+            with params_in_sync(ctx):
+                save_fn(state)
             last_saved = state.iteration
 
     def run_eval(label, its, batches, valid):

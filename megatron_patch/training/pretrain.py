@@ -53,7 +53,7 @@ def run(argv=None, callbacks=None):
     from .loop import train
 
     args = parse_and_validate(argv)
-    handler = None
+    handler, iters = None, {}
     try:
         ctx, state, iters = build(args, callbacks)
         if iters["train"] is None and not args.skip_train and args.train_iters > 0:
@@ -68,6 +68,9 @@ def run(argv=None, callbacks=None):
     finally:
         if handler is not None:
             handler.restore()
+        for its in iters.values():
+            for it in its or []:
+                it.close()
         initialize.teardown()
 
 
