@@ -1,5 +1,6 @@
-"""TP=2, PP=2 (also interleaved), DP=2 (also with the distributed optimizer) and TP=2 + sequence
-parallel with Embed LN each reproduce the 1-process loss curve; resume across layouts.
+"""TP=2, PP=2 (also interleaved), DP=2 (also with the distributed optimizer, also overlapping grad
+reduce / param gather) and TP=2 + sequence parallel with Embed LN each reproduce the 1-process
+loss curve; resume across layouts.
 
 All layouts start from one initial checkpoint written by a 1-process run (`--train-iters 0
 --save`), because Megatron-LM seeds each pipeline stage differently (seed + 100 x stage), so a
@@ -44,6 +45,8 @@ def runs(tmp_path_factory):
         ("dp2", ["--load", init]),
         ("dp2_distopt", ["--use-distributed-optimizer", "--load", init, "--save", tmp / "dopt",
                          "--save-interval", 3]),
+        ("dp2_distopt_overlap", ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                 "--overlap-param-gather", "--load", init]),
         ("dp2_distopt_resumed", ["--use-distributed-optimizer", "--load", tmp / "dopt", "--ckpt-step", 3]),
         ("tp2_sp_embed_ln", ["--tensor-model-parallel-size", 2, "--sequence-parallel", "--embed-layernorm",
                              "--load", embed_init]),
@@ -74,7 +77,7 @@ def close(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vp2", "dp2", "dp2_distopt"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vp2", "dp2", "dp2_distopt", "dp2_distopt_overlap"])
 def test_layout_matches_one_process(runs, layout):
     ref, got = runs
     assert close(got[layout], ref["vanilla"]), (got[layout], ref["vanilla"])
