@@ -114,6 +114,11 @@ def initialize_distributed(args) -> Runtime:
         cpu.enable()
         device = torch.device("cpu")
 
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() != backend:
+        if torch.distributed.get_world_size() > 1:
+            raise SetupError(f"torch.distributed already runs {torch.distributed.get_backend()}, "
+                             f"this run needs {backend}")
+        torch.distributed.destroy_process_group()  # e.g. a gloo group left by CPU tests
     if not torch.distributed.is_initialized():
         timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
         if "RANK" in os.environ:

@@ -1,5 +1,7 @@
 """Model flags (Megatron-LM names) -> StabilityConfig -> GPTModel chunks wrapped in megatron-core DDP."""
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -95,6 +97,22 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _available_fusions(args, on_cpu: bool) -> dict:
+    """Megatron-LM's fusions (on by default there) where this machine can run them: never on
+    CPU; on GPU only with the kernels they need (the megatron-core wheel ships none of them)."""
+    from megatron.core.models.gpt.gpt_layer_specs import HAVE_APEX
+
+    gpu = not on_cpu
+    return dict(
+        masked_softmax_fusion=gpu and not args.no_masked_softmax_fusion
+        and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
+        bias_activation_fusion=gpu and (args.swiglu or not args.disable_bias_linear)
+        and not (args.no_bias_swiglu_fusion if args.swiglu else args.no_bias_gelu_fusion),
+        bias_dropout_fusion=gpu and not args.no_bias_dropout_fusion,
+        persist_layer_norm=gpu and HAVE_APEX and not args.no_persist_layer_norm,
+    )
+
+
 def transformer_config_from_args(args, on_cpu: bool):
     """StabilityConfig (TransformerConfig + the stabilization fields) for these flags."""
     from megatron.core.transformer.enums import AttnBackend
@@ -102,7 +120,7 @@ def transformer_config_from_args(args, on_cpu: bool):
     from megatron_patch.config import StabilityConfig, StabilityConfigError, stability_kwargs
 
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-    fused = not on_cpu  # the fusions need CUDA kernels or torch.compile for GPU
+    fusions = _available_fusions(args, on_cpu)
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -122,11 +140,7 @@ def transformer_config_from_args(args, on_cpu: bool):
         embedding_init_method_std=args.embedding_init_method_std,
         apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
         attention_softmax_in_fp32=args.attention_softmax_in_fp32,
-        masked_softmax_fusion=fused and not args.no_masked_softmax_fusion,
-        bias_activation_fusion=fused and not (args.no_bias_swiglu_fusion if args.swiglu
-                                              else args.no_bias_gelu_fusion),
-        bias_dropout_fusion=fused and not args.no_bias_dropout_fusion,
-        persist_layer_norm=fused and not args.no_persist_layer_norm,
+        **fusions,
         attention_backend=AttnBackend.flash if args.use_flash_attn else AttnBackend[args.attention_backend],
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,

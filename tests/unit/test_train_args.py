@@ -56,6 +56,11 @@ def test_defaults_derive_like_megatron_lm(tmp_path):
     assert args.data_parallel_size == 2 and args.num_microbatches == 2
     assert args.lr_decay_iters == 10 and args.max_position_embeddings == 32
     assert args.transformer_config.init_method_std == 0.02
+    config = args.transformer_config
+    if not __import__("torch").cuda.is_available():  # no fused kernels on CPU, unbatched p2p on gloo
+        assert not (config.masked_softmax_fusion or config.bias_activation_fusion
+                    or config.bias_dropout_fusion or config.persist_layer_norm or config.batch_p2p_comm)
+        assert config.use_cpu_initialization
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
