@@ -5,9 +5,13 @@ distributed optimizer on `torch.optim.AdamW`, whose per-parameter state holds a 
 Upstream (`optimizer/distrib_optimizer.py`) mishandles that `step` and the fp32 main params:
 1. `state_dict()` asserts that all parameters share one `step` value, which fails (empty list)
    on a fresh optimizer; `sharded_state_dict(is_loading=True)` calls it first, so loading into a
-   new run fails (and without state, loading raises KeyError 'step').
-   -> `prime_state()` allocates the state exactly as AdamW's first step would (step 0, zero
-   moments) before any sharded_state_dict; no effect on the math.
+   new run fails.  -> `prime_state()` allocates the state exactly as AdamW's first step would
+   (step 0, zero moments) before any sharded_state_dict; no effect on the math.
+1b. The fully reshardable formats leave `step` out of the per-parameter tensors they load, but
+   `_set_main_param_and_optimizer_states` copies every state key: KeyError 'step'.
+   -> during `load_state_dict()` each DistributedOptimizer instance gets a wrapper (removed
+   afterwards) that supplies the parameter's current `step`, so that copy is a no-op; the real
+   step is then set by fix 2.
 2. **Silent:** `load_state_dict` restores `step` from the param groups as ONE tensor shared by
    every parameter, and the dp_reshardable parameter-state load then copies the stale local
    step (0 after priming) over it. AdamW would restart bias correction at step 0 and advance the
@@ -19,6 +23,8 @@ Upstream (`optimizer/distrib_optimizer.py`) mishandles that `step` and the fp32 
 The functions leave other optimizers alone (megatron-core's regular optimizers restore `step`
 with a per-parameter deepcopy; TE/apex Adam keep it in the param groups).
 """
+
+import contextlib
 
 import torch
 
@@ -62,10 +68,40 @@ def _saved_step(part):
     return float(steps.pop()) if len(steps) == 1 else None
 
 
+@contextlib.contextmanager
+def _step_tolerant_state_setter(optimizer):
+    """Fault 1b: let upstream's per-parameter state copy skip the `step` it was not given."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    patched = [opt for opt in chained if isinstance(opt, DistributedOptimizer)
+               and isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
+
+    def wrap(opt):
+        upstream = type(opt)._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors):
+            group, order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group]["params"][order]
+            step = opt.optimizer.state.get(main_param, {}).get("step")
+            if "step" not in tensors and step is not None:
+                tensors = dict(tensors, step=step)  # copied onto itself: unchanged
+            return upstream(opt, model_param, tensors)
+        return set_states
+
+    for opt in patched:
+        opt._set_main_param_and_optimizer_states = wrap(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
 def load_state_dict(optimizer, state_dict) -> None:
-    """`optimizer.load_state_dict(state_dict)` with faults 2 and 3 fixed (any megatron-core optimizer)."""
+    """`optimizer.load_state_dict(state_dict)` with faults 1b, 2 and 3 fixed (any megatron-core optimizer)."""
     steps = [(adam, _saved_step(part)) for adam, part in _distributed_torch_adams(optimizer, state_dict)]
-    with torch.no_grad():
+    with torch.no_grad(), _step_tolerant_state_setter(optimizer):
         optimizer.load_state_dict(state_dict)
     for adam, step in steps:
         for state in adam.state.values():
