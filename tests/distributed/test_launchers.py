@@ -107,6 +107,21 @@ def wait_for(pattern, path: Path, timeout=150.0, what=""):
     raise AssertionError(f"timed out waiting for {what or pattern}; log:\n{text[-3000:]}")
 
 
+def release_requeued(job, slurm_env, timeout=60.0):
+    """Start a requeued job now: Slurm makes it wait ~2 minutes (BeginTime) once it is pending."""
+    deadline, pending = time.time() + timeout, False
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm_env, capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+        if state == "PENDING":  # (while the old run is still completing, an update would be overwritten)
+            pending = True
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, timeout=30)
+        elif state == "RUNNING" and pending:
+            return
+        time.sleep(1)
+    raise AssertionError(f"requeued job {job} did not start again")
+
+
 @pytest.mark.slow
 def test_slurm_sbatch_trains_checkpoints_on_signal_requeues_and_resumes(slurm, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
@@ -118,9 +133,6 @@ def test_slurm_sbatch_trains_checkpoints_on_signal_requeues_and_resumes(slurm, t
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
 
-    def scontrol(*argv):
-        subprocess.run(["scontrol", *argv], env=slurm, check=True, timeout=30)
-
     try:
         wait_for(r"iteration\s+3/", log, what="3 training iterations")
         # What Slurm does near the time limit (--signal=B:USR1@600): the script checkpoints and requeues.
@@ -128,7 +140,7 @@ def test_slurm_sbatch_trains_checkpoints_on_signal_requeues_and_resumes(slurm, t
         saved = int(wait_for(r"exiting after iteration (\d+) \(signal\)", log, what="SIGTERM checkpoint").group(1))
         wait_for(r"requeued job", log, what="requeue")
         assert_checkpoint(run_dir / "checkpoints", saved)
-        scontrol("update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
+        release_requeued(job, slurm)
         wait_for(rf"loaded checkpoint .*\(iteration {saved},", log, what="resume from the checkpoint")
         wait_for(rf"iteration\s+{saved + 1}/", log, what="training after the resume")
     finally:
