@@ -56,6 +56,8 @@ def runs(tmp_path_factory):
                              "--load", embed_init]),
         ("tp2_resumed_from_tp1", ["--tensor-model-parallel-size", 2, "--load", tmp / "ref_vanilla",
                                   "--ckpt-step", 3]),
+        ("pp2_resumed_from_pp1", ["--pipeline-model-parallel-size", 2, "--load", tmp / "ref_vanilla",
+                                  "--ckpt-step", 3]),
         ("tp2_distopt_resumed_from_tp1", ["--tensor-model-parallel-size", 2, "--use-distributed-optimizer",
                                           "--load", tmp / "ref_fr"]),
         ("tp2_distopt_from_dp_reshardable", ["--tensor-model-parallel-size", 2, "--use-distributed-optimizer",
@@ -107,8 +109,8 @@ def test_distributed_optimizer_resume_is_exact(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["tp2_resumed_from_tp1", "tp2_distopt_resumed_from_tp1"])
-def test_resume_at_a_different_tensor_parallel_size(runs, run):
+@pytest.mark.parametrize("run", ["tp2_resumed_from_tp1", "pp2_resumed_from_pp1", "tp2_distopt_resumed_from_tp1"])
+def test_resume_at_a_different_layout(runs, run):
     ref, got = runs
     assert close(got[run], ref["vanilla"][3:]), (got[run], ref["vanilla"])
 
