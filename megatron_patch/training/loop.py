@@ -82,6 +82,7 @@ class TrainContext:
     logger: Any = None
     callbacks: CallbackList = field(default_factory=CallbackList)
     history: List[dict] = field(default_factory=list)  # per-iteration losses (for tests/benchmarks)
+    resumed: bool = False  # loaded a checkpoint
 
 
 def loss_func(loss_mask, output_tensor):
@@ -214,7 +215,7 @@ def _stop_reason(ctx, signal_handler, start_time) -> Optional[str]:
 def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signal_handler=None) -> str:
     """Run until --train-iters (or an exit condition). Returns why it stopped."""
     args, log = ctx.args, ctx.logger
-    start_time, last_saved = time.time(), state.iteration if args.load else None
+    start_time, last_saved = time.time(), state.iteration if ctx.resumed else None
     step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args)
     ctx.callbacks.on_train_start(step_state)
 

@@ -33,7 +33,7 @@ def build(args, callbacks=None):
                        padded_vocab_size=padded, callbacks=CallbackList(callbacks))
     wire_schedule_config(ctx)
     state = TrainState()
-    checkpointing.load_checkpoint(ctx, state, header)
+    ctx.resumed = checkpointing.load_checkpoint(ctx, state, header)
     ctx.logger = TrainingLogger(args, padded, runtime.world_size)
     if runtime.rank == 0:
         print(f" > {runtime.device.type} x {runtime.world_size} ({runtime.backend}): TP={args.tensor_model_parallel_size}"
@@ -55,10 +55,11 @@ def run(argv=None, callbacks=None):
     args = parse_and_validate(argv)
     handler, iters = None, {}
     try:
+        # Installed first: a SIGTERM during set-up then stops the run after its first step.
+        handler = checkpointing.ExitSignalHandler() if args.exit_signal_handler else None
         ctx, state, iters = build(args, callbacks)
         if iters["train"] is None and not args.skip_train and args.train_iters > 0:
             raise SetupError("the training split is empty")
-        handler = checkpointing.ExitSignalHandler() if args.exit_signal_handler else None
         ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"],
                                 save_fn=lambda st: checkpointing.save_checkpoint(ctx, st),
                                 signal_handler=handler)
