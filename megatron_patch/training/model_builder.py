@@ -157,7 +157,7 @@ def transformer_config_from_args(args, on_cpu: bool):
         deallocate_pipeline_outputs=True,
         # gloo matches p2p messages in posting order; batched p2p then swaps activations and
         # gradients under interleaved PP (facts §2.6). Unbatched is correct everywhere.
-        batch_p2p_comm=not on_cpu,
+        batch_p2p_comm=(args.distributed_backend or ("gloo" if on_cpu else "nccl")) != "gloo",
     )
     if args.init_method_std is not None:
         kwargs["init_method_std"] = args.init_method_std
