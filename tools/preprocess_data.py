@@ -23,6 +23,7 @@ import gc
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -151,10 +152,16 @@ _WORKER: dict = {}
 
 
 def init_worker(config: dict) -> None:
-    """Pool initializer (also called in-process for one worker): build the tokenizer once."""
+    """Build the tokenizer once per process (in-process for one worker)."""
     _WORKER.clear()
     _WORKER.update(config)
     _WORKER["tokenizer"] = build_tokenizer(**config["tokenizer"])
+
+
+def init_pool_worker(config: dict) -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (it stops the pool and cleans up)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(config)
 
 
 def encode_batch(job: Tuple[int, List[bytes]]) -> EncodedBatch:
@@ -222,7 +229,7 @@ def encoded_batches(args, config: dict) -> Iterator[EncodedBatch]:
     throttle = Throttle(4 * args.workers)
     gc.freeze()  # the parent's objects stay out of the workers' GC: fewer copy-on-write pages
     try:
-        pool = context.Pool(args.workers, initializer=init_worker, initargs=(config,))
+        pool = context.Pool(args.workers, initializer=init_pool_worker, initargs=(config,))
     finally:
         gc.unfreeze()
     with pool:
