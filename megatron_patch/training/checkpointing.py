@@ -99,14 +99,20 @@ def _set_rng_state(state):
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_rng(with_state=True):
+def _sharded_rng(per_dp_rank):
+    """One RNG state per (PP, TP) rank, shared by DP replicas; per DP rank too when the ranks'
+    streams differ (--data-parallel-random-init seeds each DP rank differently)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return ShardedObject("rng_state", _rng_state() if with_state else None,
-                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    shape = [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()]
+    offset = [ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()]
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if per_dp_rank:
+        shape.append(ps.get_data_parallel_world_size(with_context_parallel=True))
+        offset.append(dp_rank)
+    return ShardedObject("rng_state", _rng_state(), tuple(shape), tuple(offset),
+                         replica_id=0 if per_dp_rank else dp_rank)
 
 
 def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading, metadata):
@@ -120,7 +126,7 @@ def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading, metadata):
         sd["optimizer"] = ctx.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
         sd["opt_param_scheduler"] = ctx.scheduler.state_dict()
     if with_rng:
-        sd["rng_state"] = _sharded_rng()
+        sd["rng_state"] = _sharded_rng(ctx.args.data_parallel_random_init)
     return sd
 
 
@@ -164,10 +170,19 @@ def save_checkpoint(ctx, state) -> str:
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.rename(final, final + ".old")
         os.rename(tmp, final)
+        _fsync_dir(args.save)
         _write_tracker(args.save, state.iteration)
         shutil.rmtree(final + ".old", ignore_errors=True)
     _barrier()
     return final
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_tracker(root, iteration):
@@ -177,6 +192,7 @@ def _write_tracker(root, iteration):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    _fsync_dir(root)
 
 
 def find_checkpoint(args):
@@ -198,6 +214,8 @@ def find_checkpoint(args):
     except (OSError, ValueError) as exc:
         raise SetupError(f"unreadable checkpoint tracker {tracker}: {exc}") from None
     path = _iter_dir(root, iteration)
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        path += ".old"  # a crash while re-saving this iteration left the previous copy aside
     if not os.path.isdir(path):
         raise SetupError(f"{tracker} points at iteration {iteration}, but {path} is missing")
     return path, iteration
@@ -242,9 +260,12 @@ def load_checkpoint(ctx, state, header) -> bool:
         return False
     path, common = header
     load_optim = not args.no_load_optim and common["has_optimizer"]
-    same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {k: _layout()[k] for k in ("tp", "pp")}
+    dims = ("tp", "pp", "dp") if args.data_parallel_random_init else ("tp", "pp")
+    same_layout = all(common["layout"][k] == _layout()[k] for k in dims) \
+        and common["args"].get("data_parallel_random_init") == args.data_parallel_random_init
     metadata = dist_checkpointing.load_content_metadata(path) or _optimizer_metadata(args)
-    if load_optim and not same_layout and metadata.get("distrib_optim_sharding_type") == "dp_reshardable":
+    same_model_layout = all(common["layout"][k] == _layout()[k] for k in ("tp", "pp"))
+    if load_optim and not same_model_layout and metadata.get("distrib_optim_sharding_type") == "dp_reshardable":
         raise SetupError(f"{path}: its distributed-optimizer state (dp_reshardable) was saved at "
                          f"TP={common['layout']['tp']} PP={common['layout']['pp']} and cannot be resharded; "
                          "resume at that layout, pass --no-load-optim, or save with "

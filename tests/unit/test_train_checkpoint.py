@@ -18,9 +18,8 @@ def _adam_state(ctx):
     return [{k: v.clone() for k, v in inner.state[p].items()} for g in inner.param_groups for p in g["params"]]
 
 
-@pytest.mark.parametrize("distributed_optimizer", [False, True])
-def test_resume_continues_bit_exactly(tmp_path, distributed_optimizer):
-    extra = ["--use-distributed-optimizer"] if distributed_optimizer else []
+@pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer"], ["--data-parallel-random-init"]])
+def test_resume_continues_bit_exactly(tmp_path, extra):
     argv = tiny_args("--train-iters", 6, "--hidden-dropout", 0.1, *extra, mock=True)  # dropout: RNG restored too
     full = run_inprocess(argv + ["--save", tmp_path / "a", "--save-interval", 3])
     resumed = run_inprocess(argv + ["--load", tmp_path / "a", "--ckpt-step", 3])
@@ -81,3 +80,15 @@ def test_initial_checkpoint_then_finetune_style_load(tmp_path):
 def test_missing_checkpoint_starts_fresh_like_megatron_lm(tmp_path):
     ctx = run_inprocess(tiny_args("--train-iters", 3, "--load", tmp_path / "none", mock=True))
     assert ctx.history[0]["iteration"] == 1
+
+
+def test_crash_while_resaving_an_iteration_falls_back_to_the_previous_copy(tmp_path):
+    import argparse
+
+    run_inprocess(tiny_args("--train-iters", 2, "--save", tmp_path, "--lr-warmup-iters", 1, mock=True))
+    os.rename(tmp_path / "iter_0000002", tmp_path / "iter_0000002.old")  # crash between the renames
+    args = argparse.Namespace(load=str(tmp_path), ckpt_step=None, exit_on_missing_checkpoint=False)
+    assert checkpointing.find_checkpoint(args) == (str(tmp_path / "iter_0000002.old"), 2)
+    resumed = run_inprocess(tiny_args("--train-iters", 3, "--load", tmp_path, "--lr-warmup-iters", 1,
+                                      "--override-opt_param-scheduler", mock=True))
+    assert [h["iteration"] for h in resumed.history] == [3]
