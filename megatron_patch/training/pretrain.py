@@ -47,12 +47,19 @@ def build(args, callbacks=None):
     return ctx, state, iters
 
 
+def callbacks_from_args(args) -> list:
+    """Callbacks the command line asks for: the place to wire flag-driven ones (e.g. a monitor)."""
+    return []
+
+
 def run(argv=None, callbacks=None):
-    """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history)."""
+    """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history).
+    `callbacks` (see callbacks.py) are called after those the flags ask for."""
     from . import checkpointing, initialize
     from .loop import train
 
     args = parse_and_validate(argv)
+    callbacks = callbacks_from_args(args) + list(callbacks or [])
     handler, iters = None, {}
     try:
         # Installed first: a SIGTERM during set-up then stops the run after its first step.
@@ -75,9 +82,9 @@ def run(argv=None, callbacks=None):
         initialize.teardown()
 
 
-def main(argv=None) -> int:
+def main(argv=None, callbacks=None) -> int:
     try:
-        run(argv)
+        run(argv, callbacks)
     except SetupError as exc:
         if _is_rank0():
             print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
