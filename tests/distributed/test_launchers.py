@@ -96,7 +96,7 @@ def slurm(tmp_path):
         subprocess.run(["bash", "tests/slurm/start.sh", "--state-dir", str(state), "--stop"], cwd=ROOT, timeout=60)
 
 
-def wait_for(pattern, path: Path, timeout=150.0, what=""):
+def wait_for(pattern, path: Path, timeout=240.0, what=""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = path.read_text(errors="replace") if path.exists() else ""
@@ -107,19 +107,21 @@ def wait_for(pattern, path: Path, timeout=150.0, what=""):
     raise AssertionError(f"timed out waiting for {what or pattern}; log:\n{text[-3000:]}")
 
 
-def release_requeued(job, slurm_env, timeout=60.0):
+def release_requeued(job, slurm_env, timeout=120.0):
     """Start a requeued job now: Slurm makes it wait ~2 minutes (BeginTime) once it is pending."""
-    deadline, pending = time.time() + timeout, False
+    deadline, pending, seen = time.time() + timeout, False, []
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm_env, capture_output=True,
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=slurm_env, capture_output=True,
                                text=True, timeout=30).stdout.strip()
-        if state == "PENDING":  # (while the old run is still completing, an update would be overwritten)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state.startswith("PENDING"):  # (while the old run is still completing, an update is overwritten)
             pending = True
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, timeout=30)
-        elif state == "RUNNING" and pending:
+        elif state.startswith("RUNNING") and pending:
             return
         time.sleep(1)
-    raise AssertionError(f"requeued job {job} did not start again")
+    raise AssertionError(f"requeued job {job} did not start again; states: {seen}")
 
 
 @pytest.mark.slow
@@ -129,7 +131,7 @@ def test_slurm_sbatch_trains_checkpoints_on_signal_requeues_and_resumes(slurm, t
     submit = subprocess.run(
         ["sbatch", "--parsable", "--job-name", "tiny", "--ntasks-per-node", "2", "--output", str(log),
          "examples/slurm/pretrain.sbatch", "--run-dir", str(run_dir), "--", *flags],
-        cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=30)
+        cwd=ROOT, env=dict(slurm, MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=30)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
 
