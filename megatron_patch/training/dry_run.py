@@ -88,9 +88,10 @@ class StageParameters:
         return self.layers + self.embedding + self.head
 
 
-def stage_parameters(args, cfg, padded_vocab: int, first: bool, last: bool) -> StageParameters:
-    """Parameters held by one GPU of a pipeline stage (its TP shard)."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+def stage_parameters(args, cfg, padded_vocab: int, first: bool, last: bool, tp=None, pp=None) -> StageParameters:
+    """Parameters held by one GPU of a pipeline stage (its TP shard); tp/pp default to the flags'."""
+    tp = tp or args.tensor_model_parallel_size
+    pp = pp or args.pipeline_model_parallel_size
     h = cfg.hidden_size
     emb = 0
     if first:
@@ -109,17 +110,8 @@ def stage_parameters(args, cfg, padded_vocab: int, first: bool, last: bool) -> S
 
 
 def total_parameters(args, cfg, padded_vocab: int) -> int:
-    """The whole model's parameters, a tied output layer counted once."""
-    full = stage_parameters(_with(args, tensor_model_parallel_size=1, pipeline_model_parallel_size=1),
-                            cfg, padded_vocab, True, True)
-    return cfg.num_layers * layer_parameters(cfg, 1) + full.embedding + full.head
-
-
-def _with(args, **changes):
-    copy = type(args)(**vars(args))
-    for key, value in changes.items():
-        setattr(copy, key, value)
-    return copy
+    """The whole model's parameters (one stage, no TP split), a tied output layer counted once."""
+    return stage_parameters(args, cfg, padded_vocab, True, True, tp=1, pp=1).total
 
 
 # ---------------------------------------------------------------- memory (estimate)
