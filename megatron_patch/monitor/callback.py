@@ -46,6 +46,8 @@ def add_monitor_args(parser):
                    help="After a rollback, continue with the data that follows the spikes.")
     g.add_argument("--rollback-lr-factor", type=float, default=1.0)
     g.add_argument("--rollback-lr-steps", type=int, default=0)
+    g.add_argument("--rollback-max", type=int, default=5,
+                   help="At most this many rollbacks per run; after that spikes are only skipped.")
     return parser
 
 
@@ -74,7 +76,7 @@ class StabilityMonitor:
             window=args.spike_window, min_history=args.spike_min_history,
             z_threshold=args.spike_zscore if args.spike_zscore > 0 else None,
             ratio_threshold=args.spike_ratio if args.spike_ratio > 0 else None)
-        self.recent_spikes = deque()
+        self.recent_spikes, self.rollbacks = deque(), 0
         self.spike_log = []  # every SpikeEvent, for callers and tests
         self._acts = self._snapshot = self._record = None
         self._writer = None
@@ -106,20 +108,39 @@ class StabilityMonitor:
             self._writer = open(os.path.join(root, "monitor.jsonl"), "a")
         self._writer.write(json.dumps(record) + "\n")
         self._writer.flush()
-        if self.logger is not None and hasattr(self.logger, "_scalar"):
+        if self.logger is not None:
             step = record["iteration"]
             for section in ("grad_norm", "act_std", "update_ratio"):
                 for k, v in record.get(section, {}).items():
-                    self.logger._scalar(f"monitor/{section}/{k}", v, step)
+                    self.logger.log_scalar(f"monitor/{section}/{k}", v, step)
+
+    @staticmethod
+    def _grad_norm_on_all_ranks(grad_norm: float) -> float:
+        """Max over data-parallel ranks, non-finite if any rank's is: gradients are meant to be
+        identical after the all-reduce, and a fault on one rank must be seen by all."""
+        from megatron.core import parallel_state
+
+        if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+            return grad_norm
+        bad = not math.isfinite(grad_norm)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t = torch.tensor([0.0 if bad else grad_norm, 1.0 if bad else 0.0], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_data_parallel_group())
+        return float("nan") if t[1].item() > 0 else t[0].item()
 
     # ----- trainer hooks
+    def attach_logger(self, logger):
+        """The trainer's TrainingLogger (TensorBoard / wandb), given once it exists."""
+        self.logger = logger
+
     def on_step_start(self, state):
         if self._measured(state.iteration):
             self._acts = ActivationStats(self._chunks(state), self.args.num_layers).__enter__()
 
     def on_before_optimizer_step(self, state) -> bool:
         loss_scale = float(state.optimizer.get_loss_scale())
-        grad_norm = state.current_grad_norm() / loss_scale
+        grad_norm = self._grad_norm_on_all_ranks(state.current_grad_norm() / loss_scale)
         spikes = self.detector.observe(state.iteration, loss=state.loss, grad_norm=grad_norm)
         non_finite = any(e.reason == "non-finite" for e in spikes)
         # One compact line per step (the loss curve); per-layer sections on measured/spike steps.
@@ -184,8 +205,9 @@ class StabilityMonitor:
             return
         while self.recent_spikes and self.recent_spikes[0] <= state.iteration - self.args.rollback_window:
             self.recent_spikes.popleft()
-        if len(self.recent_spikes) >= self.args.rollback_after:
+        if len(self.recent_spikes) >= self.args.rollback_after and self.rollbacks < self.args.rollback_max:
             self.recent_spikes.clear()
+            self.rollbacks += 1
             state.extra["rollback"] = dict(skip_data=self.args.rollback_skip_data,
                                            lr_factor=self.args.rollback_lr_factor,
                                            lr_steps=self.args.rollback_lr_steps)

@@ -22,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     from megatron_patch.config import add_stability_args
+    from megatron_patch.monitor.callback import add_monitor_args
 
     parser = _Parser(prog=prog, allow_abbrev=False,
                      description="GPT pre-training on megatron-core with Megatron-LM's flags and "
@@ -34,7 +35,12 @@ def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     checkpointing.add_checkpointing_args(parser)
     logging.add_logging_args(parser)
     add_stability_args(parser)
+    add_monitor_args(parser)
     return parser
+
+
+def _raise_setup_error(message):
+    raise SetupError(message)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def validate_args(args, world_size=None) -> argparse.Namespace:
     """Fill derived values and refuse bad or contradictory flags (raises SetupError)."""
     from megatron_patch.config import StabilityConfigError, stability_kwargs
+    from megatron_patch.monitor.callback import validate_monitor_args
 
     world_size = initialize.world_size_from_env() if world_size is None else world_size
     args.world_size = world_size
@@ -58,6 +65,7 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     data.validate_data_args(args)
     checkpointing.validate_checkpointing_args(args)
     logging.validate_logging_args(args)
+    validate_monitor_args(args, fail=_raise_setup_error)
     try:
         stability_kwargs(args)
     except StabilityConfigError as exc:

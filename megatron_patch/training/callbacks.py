@@ -3,13 +3,17 @@
 A callback is any object with some of these methods; missing ones are skipped:
 
     on_train_start(state)                  once, after the checkpoint (if any) is loaded
+    on_step_start(state)                   before the forward/backward of iteration state.iteration
     on_before_optimizer_step(state) -> bool | None
                                            after forward/backward and the gradient all-reduce,
                                            before the optimizer step; return True to skip this
                                            update (counted as skipped; like an fp16 overflow in
                                            Megatron-LM the LR schedule does not advance, the
                                            data position does)
-    on_step_end(state)                     after the step; state.grad_norm/skipped are set
+    on_step_end(state)                     after the step; state.grad_norm/skipped are set; a
+                                           callback may set state.extra["rollback"] = {skip_data,
+                                           lr_factor, lr_steps} to ask the trainer to reload the
+                                           last checkpoint (see megatron_patch/training/rollback.py)
     on_eval_end(state, metrics)            after validation, metrics = {"lm loss": .., "ppl": ..}
     on_train_end(state)                    once, after the final checkpoint
 
@@ -82,6 +86,9 @@ class CallbackList:
 
     def on_train_start(self, state):
         self._call("on_train_start", state)
+
+    def on_step_start(self, state):
+        self._call("on_step_start", state)
 
     def on_before_optimizer_step(self, state) -> bool:
         """True if any callback on any rank asks to skip the update."""

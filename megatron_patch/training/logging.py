@@ -106,7 +106,8 @@ class TrainingLogger:
         if self.is_logging_rank:
             print(text, flush=True)
 
-    def _scalar(self, tag, value, step):
+    def log_scalar(self, tag, value, step):
+        """One scalar to TensorBoard and wandb (whichever are on; only the logging rank has them)."""
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
         if self.wandb is not None:
@@ -130,23 +131,23 @@ class TrainingLogger:
             self.loss_sum += loss
             self.loss_count += 1
         if self.is_logging_rank and iteration % args.tensorboard_log_interval == 0:
-            self._scalar("learning-rate", lr, iteration)
-            self._scalar("batch-size", args.global_batch_size, iteration)
+            self.log_scalar("learning-rate", lr, iteration)
+            self.log_scalar("batch-size", args.global_batch_size, iteration)
             if loss is not None and not skipped:
-                self._scalar("lm loss", loss, iteration)
-            self._scalar("loss-scale", loss_scale, iteration)
+                self.log_scalar("lm loss", loss, iteration)
+            self.log_scalar("loss-scale", loss_scale, iteration)
             if grad_norm is not None:
-                self._scalar("grad-norm", grad_norm, iteration)
+                self.log_scalar("grad-norm", grad_norm, iteration)
             if args.log_memory_to_tensorboard:
-                self._scalar("mem-max-allocated-mib", _memory_mib(), iteration)
+                self.log_scalar("mem-max-allocated-mib", _memory_mib(), iteration)
         if iteration % args.log_interval:
             return
         elapsed = self.time_sum / max(self.iters, 1)
         tokens_per_s = args.global_batch_size * args.seq_length / elapsed
         tflops = self.flops_per_iteration / elapsed / self.world_size / 1e12
         if self.is_logging_rank:
-            self._scalar("tokens-per-second", tokens_per_s, iteration)
-            self._scalar("throughput-tflops-per-device", tflops, iteration)
+            self.log_scalar("tokens-per-second", tokens_per_s, iteration)
+            self.log_scalar("throughput-tflops-per-device", tflops, iteration)
             line = (f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
                     f" iteration {iteration:8d}/{args.train_iters:8d} |"
                     f" consumed samples: {consumed_samples:12d} |"
@@ -174,9 +175,9 @@ class TrainingLogger:
         bar = "-" * (len(text) + 1)
         self.print(f"{bar}\n{text}\n{bar}")
         if self.is_logging_rank:
-            self._scalar("lm loss validation", loss, iteration)
+            self.log_scalar("lm loss validation", loss, iteration)
             if self.args.log_validation_ppl_to_tensorboard:
-                self._scalar("lm loss validation ppl", ppl, iteration)
+                self.log_scalar("lm loss validation ppl", ppl, iteration)
         return ppl
 
     def close(self):

@@ -170,6 +170,8 @@ def train_step(ctx, state, iterators):
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
+    if ctx.callbacks:
+        ctx.callbacks.on_step_start(StepState(state.iteration + 1, ctx.model, ctx.optimizer, ctx.args))
     loss = _reduce_loss(_forward_backward(ctx, iterators, forward_only=False))
     skip = False
     if ctx.callbacks:
@@ -182,7 +184,16 @@ def train_step(ctx, state, iterators):
         update_ok, grad_norm, _ = ctx.optimizer.step()
     if update_ok:  # as Megatron-LM: a skipped update does not advance the schedule
         ctx.scheduler.step(increment=ctx.args.global_batch_size)
+        apply_lr_scale(ctx, state.iteration + 1)
     return loss, grad_norm, not update_ok
+
+
+def apply_lr_scale(ctx, iteration) -> None:
+    """Scale the lr the scheduler just set while a post-rollback cool-down is on."""
+    factor, until = getattr(ctx, "lr_scale", (1.0, 0))
+    if factor != 1.0 and iteration < until:
+        for group in ctx.optimizer.param_groups:
+            group["lr"] *= factor
 
 
 def evaluate(ctx, iterators, num_batches) -> Optional[float]:
@@ -212,8 +223,12 @@ def _stop_reason(ctx, signal_handler, start_time) -> Optional[str]:
     return "signal" if flags[0] > 0 else "time" if flags[1] > 0 else None
 
 
-def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signal_handler=None) -> str:
-    """Run until --train-iters (or an exit condition). Returns why it stopped."""
+def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signal_handler=None,
+          rollback_fn=None) -> str:
+    """Run until --train-iters (or an exit condition). Returns why it stopped.
+
+    rollback_fn(state, request) -> train iterators: reloads the last checkpoint when a callback
+    asks for it (state.extra["rollback"]), see megatron_patch/training/rollback.py."""
     args, log = ctx.args, ctx.logger
     start_time, last_saved = time.time(), state.iteration if ctx.resumed else None
     step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args)
@@ -251,6 +266,9 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
         step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args, loss=loss,
                                grad_norm=grad_norm, learning_rate=lr, skipped=skipped)
         ctx.callbacks.on_step_end(step_state)
+        if rollback_fn is not None and "rollback" in step_state.extra:
+            iterators = rollback_fn(state, step_state.extra["rollback"])
+            continue
         if valid_iterators and args.eval_iters and args.eval_interval \
                 and state.iteration % args.eval_interval == 0:
             run_eval(f"iteration {state.iteration}", valid_iterators, args.eval_iters, True)

@@ -205,7 +205,8 @@ def build_model_chunks(args, config, vocab_size: int, device: torch.device):
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad,
+        # With a spike policy the monitor skips non-finite steps instead of stopping the run.
+        check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad and args.spike_policy == "off",
     )
     chunks = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))

@@ -35,6 +35,10 @@ def build(args, callbacks=None):
     state = TrainState()
     ctx.resumed = checkpointing.load_checkpoint(ctx, state, header)
     ctx.logger = TrainingLogger(args, padded, runtime.world_size)
+    for callback in ctx.callbacks.callbacks:
+        if hasattr(callback, "attach_logger"):
+            callback.attach_logger(ctx.logger)
+    ctx.datasets = datasets
     if runtime.rank == 0:
         print(f" > {runtime.device.type} x {runtime.world_size} ({runtime.backend}): TP={args.tensor_model_parallel_size}"
               f" PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}; vocab {tokenizer.vocab_size}"
@@ -44,23 +48,28 @@ def build(args, callbacks=None):
              for name, ds, consumed in zip(("train", "valid", "test"), datasets,
                                            (state.consumed_train_samples, state.consumed_valid_samples, 0))}
     iters = {k: (v if v[0] is not None else None) for k, v in iters.items()}
+    ctx.train_iterators = iters["train"]
     return ctx, state, iters
 
 
 def callbacks_from_args(args) -> list:
-    """Callbacks the command line asks for: the place to wire flag-driven ones (e.g. a monitor)."""
-    return []
+    """Callbacks the command line asks for: the stability monitor (--monitor-interval / --spike-policy)."""
+    from megatron_patch.monitor.callback import StabilityMonitor, monitor_enabled
+
+    return [StabilityMonitor(args)] if monitor_enabled(args) else []
 
 
 def run(argv=None, callbacks=None):
     """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history).
-    `callbacks` (see callbacks.py) are called after those the flags ask for."""
+    `callbacks` (see callbacks.py) are called before those the flags ask for (the stability
+    monitor), so a test can inject a fault that the monitor must then catch."""
     from . import checkpointing, initialize
     from .loop import train
+    from .rollback import make_rollback_fn
 
     args = parse_and_validate(argv)
-    callbacks = callbacks_from_args(args) + list(callbacks or [])
-    handler, iters = None, {}
+    callbacks = list(callbacks or []) + callbacks_from_args(args)
+    handler, iters, ctx = None, {}, None
     try:
         # Installed first: a SIGTERM during set-up then stops the run after its first step.
         handler = checkpointing.ExitSignalHandler() if args.exit_signal_handler else None
@@ -69,14 +78,16 @@ def run(argv=None, callbacks=None):
             raise SetupError("the training split is empty")
         ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"],
                                 save_fn=lambda st: checkpointing.save_checkpoint(ctx, st),
-                                signal_handler=handler)
+                                signal_handler=handler,
+                                rollback_fn=make_rollback_fn(ctx, ctx.datasets) if args.spike_policy == "rollback" else None)
         ctx.state = state
         ctx.logger.close()
         return ctx
     finally:
         if handler is not None:
             handler.restore()
-        for its in iters.values():
+        # Closing twice is harmless; a rollback may have replaced the train iterators.
+        for its in list(iters.values()) + [getattr(ctx, "train_iterators", None)]:
             for it in its or []:
                 it.close()
         initialize.teardown()

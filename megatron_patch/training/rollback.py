@@ -1,0 +1,44 @@
+"""Roll back to the last checkpoint when the stability monitor asks (--spike-policy rollback).
+
+Reloads model, optimizer, scheduler and RNG from the newest checkpoint under --save. The data
+position goes back with it, unless the request says `skip_data`: then training continues with
+the samples that follow the ones that spiked (the same batches are not fed again). An lr
+cool-down (`lr_factor` for `lr_steps` steps) can be asked for too.
+"""
+
+import argparse
+
+from . import checkpointing, data, optimizer
+
+
+def make_rollback_fn(ctx, datasets):
+    """The rollback_fn the loop calls: (state, request) -> fresh train iterators."""
+    args = ctx.args
+
+    def rollback(state, request):
+        resume_args = argparse.Namespace(**{**vars(args), "load": args.save, "ckpt_step": None})
+        header = checkpointing.read_checkpoint_header(resume_args, ctx.vocab_size, ctx.padded_vocab_size)
+        if header is None:
+            raise RuntimeError(f"rollback requested but {args.save} holds no checkpoint")
+        spiked_iteration, consumed = state.iteration, state.consumed_train_samples
+        # megatron-core's scheduler.load_state_dict *adds* the saved step count to its own: it
+        # expects a fresh scheduler, so give it one.
+        ctx.scheduler = optimizer.build_scheduler(args, ctx.optimizer)
+        checkpointing.load_checkpoint(ctx, state, header)
+        if request.get("skip_data"):
+            state.consumed_train_samples = consumed
+        ctx.lr_scale = (request.get("lr_factor", 1.0), state.iteration + 1 + request.get("lr_steps", 0))
+        if ctx.lr_scale[0] != 1.0:
+            from .loop import apply_lr_scale
+
+            apply_lr_scale(ctx, state.iteration + 1)
+        ctx.rollbacks = getattr(ctx, "rollbacks", []) + [(spiked_iteration, state.iteration)]
+        ctx.logger.print(f" > rollback after iteration {spiked_iteration} to the checkpoint of iteration "
+                         f"{state.iteration}" + (" (skipping the data in between)" if request.get("skip_data") else ""))
+        for it in ctx.train_iterators or []:
+            it.close()
+        ctx.train_iterators = [data.make_iterator(args, datasets[0], state.consumed_train_samples, ctx.runtime.device)
+                               for _ in ctx.model]
+        return ctx.train_iterators
+
+    return rollback
