@@ -107,7 +107,7 @@ def wait_for(pattern, path: Path, timeout=240.0, what=""):
     raise AssertionError(f"timed out waiting for {what or pattern}; log:\n{text[-3000:]}")
 
 
-def release_requeued(job, slurm_env, timeout=120.0):
+def release_requeued(job, slurm_env, timeout=180.0):
     """Start a requeued job now: Slurm makes it wait ~2 minutes (BeginTime) once it is pending."""
     deadline, pending, seen = time.time() + timeout, False, []
     while time.time() < deadline:
@@ -121,7 +121,8 @@ def release_requeued(job, slurm_env, timeout=120.0):
         elif state.startswith("RUNNING") and pending:
             return
         time.sleep(1)
-    raise AssertionError(f"requeued job {job} did not start again; states: {seen}")
+    ctld_log = Path(slurm_env["SLURM_CONF"]).with_name("slurmctld.log").read_text()[-2000:]
+    raise AssertionError(f"requeued job {job} did not start again; states: {seen}\n{ctld_log}")
 
 
 @pytest.mark.slow
