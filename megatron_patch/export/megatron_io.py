@@ -1,0 +1,131 @@
+"""Load a trainer checkpoint (any TP/PP/VP layout) into one TP=1, PP=1 GPTModel, and write one back.
+
+Resharding is megatron-core's: each tensor is stored once with its global shape and the shard
+offsets of the layout that wrote it, so a single process asks for the whole tensors and gets them.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from megatron_patch.training import checkpointing
+from megatron_patch.training.errors import SetupError
+
+# Layout-specific flags replaced by one process holding the whole model.
+_SINGLE_PROCESS = dict(
+    tensor_model_parallel_size=1, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+    num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False, context_parallel_size=1,
+    world_size=1, data_parallel_size=1, distributed_backend="gloo", use_distributed_optimizer=False,
+    overlap_grad_reduce=False, overlap_param_gather=False, data_parallel_random_init=False,
+    transformer_impl="local", load=None, save=None, recompute_granularity=None, recompute_method=None,
+    recompute_num_layers=None, recompute_activations=False,
+)
+
+
+def args_from_saved(saved: dict, **overrides) -> SimpleNamespace:
+    """The trainer's flag namespace: parser defaults, then the checkpoint's args, then overrides."""
+    from megatron_patch.training.arguments import build_parser
+
+    args = vars(build_parser().parse_args([]))
+    args.update({k: v for k, v in saved.items() if k in args or k in ("world_size", "data_parallel_size")})
+    args.update(_SINGLE_PROCESS)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def start_single_process(args):
+    """gloo group of one + megatron-core parallel_state at TP=1, PP=1 (undo with `stop`)."""
+    from megatron_patch.training import initialize
+
+    initialize.initialize_distributed(args)
+
+
+def stop():
+    from megatron_patch.training import initialize
+
+    initialize.teardown()
+
+
+def build_model(args, padded_vocab_size: int):
+    """The GPTModel these flags describe, whole (TP=1, PP=1), fp32 unless the flags say otherwise."""
+    from megatron_patch.model import build_gpt_model
+    from megatron_patch.training.model_builder import transformer_config_from_args
+
+    config = transformer_config_from_args(args, on_cpu=True)
+    return build_gpt_model(
+        config, padded_vocab_size, args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, parallel_output=True,
+        transformer_impl="local", rotary_percent=args.rotary_percent, rotary_base=args.rotary_base)
+
+
+def read_common(load_dir: str, step=None):
+    """(path, common state) of `load_dir`'s latest checkpoint (or iteration `step`)."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(load_dir):
+        raise SetupError(f"--load {load_dir} is not a directory")
+    path, _ = checkpointing.find_checkpoint(SimpleNamespace(load=load_dir, ckpt_step=step,
+                                                            exit_on_missing_checkpoint=True))
+    common = dist_checkpointing.load_common_state_dict(path)
+    if not isinstance(common, dict) or common.get("format_version") != checkpointing.FORMAT_VERSION:
+        raise SetupError(f"{path} is not a checkpoint written by megatron_patch's trainer")
+    return path, common
+
+
+def load_model(load_dir: str, step=None):
+    """(fp32 GPTModel at TP=1/PP=1 with the checkpoint's weights, its args, common state).
+    Call between `start_single_process` and `stop` (see `loaded_checkpoint`)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path, common = read_common(load_dir, step)
+    args = args_from_saved(common["args"])
+    model = build_model(args, common["padded_vocab_size"])
+    try:
+        loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)
+        model.load_state_dict(loaded["model0"], strict=True)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        impl = common["args"].get("transformer_impl")
+        hint = (" (it was saved with Transformer Engine layers; export reads megatron-core's local layers)"
+                if impl == "transformer_engine" else "")
+        raise SetupError(f"cannot load {path}{hint}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+    return model.float().eval(), args, common
+
+
+class loaded_checkpoint:
+    """`with loaded_checkpoint(dir) as (model, args, common):` — process group set up and torn down."""
+
+    def __init__(self, load_dir, step=None):
+        self.load_dir, self.step = load_dir, step
+
+    def __enter__(self):
+        _, common = read_common(self.load_dir, self.step)
+        start_single_process(args_from_saved(common["args"]))
+        try:
+            return load_model(self.load_dir, self.step)
+        except BaseException:
+            stop()
+            raise
+
+    def __exit__(self, *exc):
+        stop()
+
+
+def save_model_checkpoint(model, args, save_dir: str, vocab_size: int, padded_vocab_size: int) -> str:
+    """Write `model` as the trainer's iteration-0 checkpoint (model only: no optimizer, no RNG), which
+    pretrain_gpt.py --load resumes from at any TP/PP layout. Returns the iteration directory."""
+    args = SimpleNamespace(**{**vars(args), "save": save_dir, "no_save_optim": True, "no_save_rng": True,
+                              "dist_ckpt_optim_fully_reshardable": False})
+    ctx = SimpleNamespace(args=args, model=[model], vocab_size=vocab_size, padded_vocab_size=padded_vocab_size)
+    state = SimpleNamespace(iteration=0, consumed_train_samples=0, consumed_valid_samples=0)
+    return checkpointing.save_checkpoint(ctx, state)
+
+
+def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s, vocab] logits of the whole model for token ids [b, s] (causal, positions 0..s-1)."""
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    with torch.no_grad():
+        return model(tokens, position_ids, attention_mask=None)

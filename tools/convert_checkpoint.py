@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Convert checkpoints between megatron_patch's trainer and Hugging Face transformers (GPT-2).
+
+  python tools/convert_checkpoint.py --load CKPT_DIR --to hf --output HF_DIR [--ckpt-step N]
+  python tools/convert_checkpoint.py --from hf --load HF_DIR --output CKPT_DIR
+
+Export reads a checkpoint of any TP/PP layout into one process (megatron-core resharding), folds
+WeSaR gates and Scaled Embed into the weights, and writes a GPT2LMHeadModel + tokenizer directory
+loadable offline with from_pretrained. Options GPT-2 cannot represent (Embed LN, RMSNorm, SwiGLU,
+RoPE, GQA, QK-LN, ...) stop with one line naming them. Import writes an iteration-0, model-only
+checkpoint that pretrain_gpt.py --load continues from at any layout. See docs/export.md.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="Trainer checkpoint dir (export) or HF dir (import).")
+    p.add_argument("--output", required=True)
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="Export the trainer checkpoint to this format.")
+    direction.add_argument("--from", dest="from_", choices=["hf"], help="Import from this format.")
+    p.add_argument("--ckpt-step", type=int, default=None, help="Export this iteration, not the latest.")
+    args = p.parse_args(argv)
+
+    from megatron_patch.export import ExportError
+    from megatron_patch.export.convert import export_to_hf, import_from_hf
+    from megatron_patch.training.errors import SetupError
+
+    try:
+        if args.to:
+            info = export_to_hf(args.load, args.output, args.ckpt_step)
+            print(f"exported iteration {info['iteration']} to {info['output']} (GPT2LMHeadModel, "
+                  f"{'tied' if info['tied'] else 'untied'} output layer; folded: "
+                  f"{', '.join(info['folded']) or 'nothing'}; tokenizer: {info['tokenizer']})")
+        else:
+            info = import_from_hf(args.load, args.output)
+            print(f"wrote {info['output']} (iteration 0, model only). Continue with:\n"
+                  f"  pretrain_gpt.py --load {args.output} {info['flags']} [data/tokenizer/training flags]")
+    except (ExportError, SetupError, OSError) as exc:
+        print(f"convert_checkpoint.py: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
