@@ -1,0 +1,128 @@
+"""tools/convert_checkpoint.py: trainer checkpoint -> transformers GPT2LMHeadModel -> checkpoint.
+
+Each option that exports is trained for 3 steps (so biases, gates and tables are no longer at
+init), exported, and loaded offline with from_pretrained; its logits must equal the megatron
+model's (fp32, CPU). Import writes a trainer checkpoint; exporting that again gives the same
+tensors bit for bit, and without folded options the imported checkpoint equals the original.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from megatron_patch.export import ExportError, megatron_io  # noqa: E402
+from megatron_patch.export.convert import export_to_hf, import_from_hf  # noqa: E402
+from tests.train_helpers import ROOT, VOCAB, run_inprocess, subprocess_env, tiny_args  # noqa: E402
+
+OPTIONS = {
+    "vanilla": [],
+    "untied_nobias": ["--untie-embeddings-and-output-weights", "--disable-bias-linear"],
+    "scaled_embed": ["--scaled-embed"],
+    "wesar_scaled_embed": ["--wesar", "--scaled-embed", "--transformer-impl", "local"],
+    "embed_detach": ["--embed-detach-alpha", "0.1"],
+}
+
+
+def train_checkpoint(path, *extra, iters=3):
+    run_inprocess(tiny_args("--train-iters", iters, "--save", path, "--save-interval", max(iters, 1),
+                            "--no-save-optim", "--no-save-rng", *extra, mock=True))
+    return path
+
+
+def tokens():
+    return torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def megatron_state_and_logits(ckpt):
+    with megatron_io.loaded_checkpoint(str(ckpt)) as (model, _, common):
+        logits = megatron_io.megatron_logits(model, tokens())  # [b, s, padded vocab]
+        return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}, logits, common
+
+
+def hf_model(path):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+
+
+def hf_logits(path):
+    with torch.no_grad():
+        return hf_model(path)(tokens()).logits
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("convert")
+    result = {}
+    for name, extra in OPTIONS.items():
+        ckpt = train_checkpoint(tmp / f"ckpt_{name}", *extra)
+        state, logits, _ = megatron_state_and_logits(ckpt)
+        info = export_to_hf(str(ckpt), str(tmp / f"hf_{name}"))
+        result[name] = dict(ckpt=ckpt, hf=tmp / f"hf_{name}", state=state, logits=logits, info=info, tmp=tmp)
+    return result
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_exported_logits_equal_megatron(exported, name):
+    run = exported[name]
+    torch.testing.assert_close(hf_logits(run["hf"]), run["logits"], rtol=1e-5, atol=1e-5)
+    config = json.loads((run["hf"] / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["vocab_size"] == 256  # padded: every row survives
+    assert config["tie_word_embeddings"] == run["info"]["tied"]
+    if "scaled_embed" in name:
+        assert not run["info"]["tied"]  # sqrt(d) folded into the tables, the head keeps the raw table
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_round_trip_keeps_every_tensor(exported, name):
+    run, tmp = exported[name], exported[name]["tmp"]
+    back = tmp / f"back_{name}"
+    import_from_hf(str(run["hf"]), str(back))
+    state, logits, common = megatron_state_and_logits(back)
+    assert common["iteration"] == 0 and not common["has_optimizer"]
+    torch.testing.assert_close(logits, run["logits"], rtol=1e-5, atol=1e-5)
+    again = export_to_hf(str(back), str(tmp / f"hf_again_{name}"))
+    first, second = hf_model(run["hf"]).state_dict(), hf_model(again["output"]).state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first), "export -> import -> export changed a tensor"
+    if not run["info"]["folded"]:  # nothing folded: the imported checkpoint is the original, bit for bit
+        assert state.keys() == run["state"].keys()
+        assert all(torch.equal(state[k], run["state"][k]) for k in state)
+
+
+def test_embed_layernorm_is_refused_by_name(tmp_path):
+    ckpt = train_checkpoint(tmp_path / "ckpt", "--embed-layernorm", iters=0)
+    with pytest.raises(ExportError, match="--embed-layernorm"):
+        export_to_hf(str(ckpt), str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "--load", ckpt,
+                           "--to", "hf", "--output", tmp_path / "hf"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "error: cannot export to GPT-2" in proc.stderr and "--embed-layernorm" in proc.stderr
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--swiglu"], "--swiglu"),
+    (["--normalization", "RMSNorm"], "RMSNorm"),
+    (["--position-embedding-type", "rope"], "rope"),
+    (["--group-query-attention", "--num-query-groups", "2"], "--group-query-attention"),
+    (["--qk-layernorm"], "--qk-layernorm"),
+])
+def test_unsupported_architectures_are_named(flags, named):
+    from megatron_patch.export.hf import check_exportable
+    from megatron_patch.training.arguments import build_parser
+    from megatron_patch.training.model_builder import transformer_config_from_args, validate_model_args
+
+    args = build_parser().parse_args(tiny_args(*flags, mock=True))
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.virtual_pipeline_model_parallel_size = None
+    validate_model_args(args)
+    with pytest.raises(ExportError, match=named.replace("-", r"\-")):
+        check_exportable(transformer_config_from_args(args, on_cpu=True), args)
