@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="Loss-spike stabilization (Spike No More, WeSaR) for megatron-core GPT pre-training",
     packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
-    python_requires=">=3.10,<3.12",
+    # megatron-core 0.16.1 supports 3.10-3.12 (NGC images ship 3.12); CI and the CPU path use 3.11.
+    python_requires=">=3.10,<3.13",
     install_requires=[
         # 0.16.1 is the newest megatron-core that installs on Python 3.11 (0.17+ needs 3.12).
         "megatron-core==0.16.1",

@@ -5,8 +5,7 @@
 # gpu: NGC images pin their packages in /etc/pip/constraint.txt. megatron-core==0.16.1 is installed
 # without dependencies and outside those pins (its own needs, torch>=2.6, numpy, packaging, are in
 # the image); our package without dependencies, then the two small ones it adds (sentencepiece, psutil).
-# NGC 25.xx images have Python 3.12: megatron-core 0.16.1 supports 3.12 (its metadata), our setup.py
-# still says <3.12, hence --ignore-requires-python until it is widened.
+# NGC 25.xx images have Python 3.12, which megatron-core 0.16.1 and our setup.py both accept.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 variant=""
@@ -24,7 +23,7 @@ case "$variant" in
         "$python" -c 'import torch; assert torch.version.cuda, "not a CUDA build of torch"'
         PIP_CONSTRAINT="" pip_install --no-deps "megatron-core==0.16.1"
         pip_install "sentencepiece>=0.2" psutil pytest pytest-timeout
-        pip_install --no-deps --ignore-requires-python -e .
+        pip_install --no-deps -e .
         ;;
     cpu)
         export VENV="${VENV:-/opt/venv}"

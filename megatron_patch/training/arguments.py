@@ -24,6 +24,8 @@ def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     from megatron_patch.config import add_stability_args
     from megatron_patch.monitor.callback import add_monitor_args
 
+    from .dry_run import add_dry_run_args
+
     parser = _Parser(prog=prog, allow_abbrev=False,
                      description="GPT pre-training on megatron-core with Megatron-LM's flags and "
                                  "loss-spike stabilization (Spike No More, WeSaR).")
@@ -36,6 +38,7 @@ def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     logging.add_logging_args(parser)
     add_stability_args(parser)
     add_monitor_args(parser)
+    add_dry_run_args(parser)
     return parser
 
 

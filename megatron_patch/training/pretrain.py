@@ -94,6 +94,11 @@ def run(argv=None, callbacks=None):
 
 
 def main(argv=None, callbacks=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dry-run" in argv:  # plans for the GPU cluster (flags validated as on CUDA); builds nothing
+        from .dry_run import main as dry_run_main
+
+        return dry_run_main(argv)
     try:
         run(argv, callbacks)
     except SetupError as exc:
