@@ -30,7 +30,9 @@ def mcore():
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     yield parallel_state
-    parallel_state.destroy_model_parallel()
+    from megatron_patch.training.initialize import teardown
+
+    teardown()  # also frees the gloo subgroups' threads
 
 
 def pytest_collection_modifyitems(config, items):

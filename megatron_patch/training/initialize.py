@@ -158,11 +158,20 @@ def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
 
 
 def teardown() -> None:
-    """Undo parallel_state (the process group stays, so a process can train again)."""
+    """Undo parallel_state and free its process groups; the default group stays, so a process
+    can train again (tests do). megatron-core's destroy_model_parallel only drops its references:
+    each gloo subgroup keeps ~3 threads alive, some busy-polling, so a process that re-initialises
+    many times (a test session) would pile up thousands of spinning threads without this."""
+    import torch.distributed.distributed_c10d as c10d
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        world = c10d.GroupMember.WORLD
+        for group in list(getattr(c10d._world, "pg_map", {})):  # private: no public list of groups
+            if group is not world:
+                torch.distributed.destroy_process_group(group)
 
 
 def barrier() -> None:

@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron_patch.compat import cpu
 from megatron_patch.config import StabilityConfig
 from megatron_patch.model import build_gpt_model
+from megatron_patch.training.initialize import teardown
 
 VOCAB, SEQ, BATCH = 128, 16, 2
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
@@ -35,7 +36,7 @@ LOGIT_ATOL, GRAD_RTOL = 1e-5, 1e-4
 
 
 def run(tp: int, options: dict):
-    parallel_state.destroy_model_parallel()
+    teardown()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def main():
             print(f"{'OK  ' if ok else 'FAIL'} {name}: max|logits TP1-TP2|={diff:.2e} gates={len(gates1)}")
         failures += not ok
     dist.barrier()
-    parallel_state.destroy_model_parallel()
+    teardown()
     dist.destroy_process_group()
     sys.exit(1 if failures else 0)
 

@@ -26,7 +26,9 @@ def mcore_cuda():
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     yield
-    parallel_state.destroy_model_parallel()
+    from megatron_patch.training.initialize import teardown
+
+    teardown()
 
 
 def _batch(vocab=256, seq=32):

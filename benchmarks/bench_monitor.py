@@ -1,0 +1,40 @@
+"""Stability-monitor overhead: training tokens/s with the monitor at a typical interval vs off.
+
+Same model and data (mock tokens), run in alternating segments (off, on, off, on, ...) in one
+process so machine drift hits both; compares the median step time. "On" means what a user would
+run: `--monitor-interval 100 --spike-policy skip` (one compact record and a grad-norm check every
+step, per-layer statistics every 100 steps).
+
+    PYTHONPATH=. python benchmarks/bench_monitor.py [--iters 60 --rounds 3 --interval 100]
+"""
+
+import argparse
+import statistics
+import warnings
+
+warnings.filterwarnings("ignore")
+
+from benchmarks.bench_trainer import model_argv, trainer_step_times  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--interval", type=int, default=100)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    base = model_argv(args.quick, args.iters)
+    monitor = ["--monitor-interval", str(args.interval), "--spike-policy", "skip",
+               "--monitor-dir", "/tmp/bench_monitor"]
+    times = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        for name, extra in (("off", []), ("on", monitor)):
+            times[name] += trainer_step_times(base + extra)[2:]  # drop warm-up steps
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    print(f"median step: monitor off {off * 1e3:.1f} ms, on (interval {args.interval}) {on * 1e3:.1f} ms; "
+          f"throughput ratio on/off = {off / on:.3f} (overhead {(on / off - 1) * 100:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
