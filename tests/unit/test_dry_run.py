@@ -126,15 +126,11 @@ def test_layout_chooser_refuses_what_cannot_fit_or_divide():
         dry_run.choose_layout(SIZE_13B, world_size=56, gpus_per_node=8)
 
 
-def test_main_accepts_a_trainer_parser_that_already_has_the_dry_run_flags(monkeypatch, capsys):
-    """pretrain_gpt.py's parser will carry add_dry_run_args; main() must not add them twice."""
-    from megatron_patch.training import arguments
+def test_pretrain_gpt_dry_run_flag(capsys):
+    """pretrain_gpt.py's parser carries the dry-run flags, and its main() dispatches --dry-run."""
+    from megatron_patch.training import arguments, pretrain
 
-    plain = arguments.build_parser
-
-    def with_dry_run(prog="pretrain_gpt.py"):
-        return dry_run.add_dry_run_args(plain(prog))
-
-    monkeypatch.setattr(arguments, "build_parser", with_dry_run)
+    assert "--dry-run" in arguments.build_parser().format_help()
     assert dry_run.main(TINY + ["--dry-run"]) == 0
-    assert "parameters: " in capsys.readouterr().out
+    assert pretrain.main(TINY + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.count("parameters: ") >= 2
