@@ -96,15 +96,16 @@ def test_round_trip_keeps_every_tensor(exported, name):
         assert all(torch.equal(state[k], run["state"][k]) for k in state)
 
 
-def test_embed_layernorm_is_refused_by_name(tmp_path):
+def test_embed_layernorm_is_refused_by_name(tmp_path, capsys):
     ckpt = train_checkpoint(tmp_path / "ckpt", "--embed-layernorm", iters=0)
     with pytest.raises(ExportError, match="--embed-layernorm"):
         export_to_hf(str(ckpt), str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "--load", ckpt,
-                           "--to", "hf", "--output", tmp_path / "hf"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "error: cannot export to GPT-2" in proc.stderr and "--embed-layernorm" in proc.stderr
+    sys.path.insert(0, str(ROOT / "tools"))
+    from convert_checkpoint import main
+
+    assert main(["--load", str(ckpt), "--to", "hf", "--output", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot export to GPT-2" in err and "--embed-layernorm" in err
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
@@ -128,28 +129,26 @@ def test_unsupported_architectures_are_named(flags, named):
         check_exportable(transformer_config_from_args(args, on_cpu=True), args)
 
 
-def test_reshard_tp1_to_tp2_to_pp2_then_export(exported, tmp_path):
-    """TP=1 checkpoint -> loaded and saved at TP=2 -> loaded and saved at PP=2 (torchrun, 2
-    processes) -> exported from the PP=2 one in one process: every tensor is the original's."""
+def test_reshard_tp1_to_tp2_then_export(exported, tmp_path):
+    """TP=1 checkpoint -> loaded and saved at TP=2 (torchrun, 2 processes) -> loaded at TP=1 and
+    exported in one process: every tensor is the original's. (PP resharding of the same files:
+    tests/distributed/test_train_parallel.py, pp2_resumed_from_pp1.)"""
     from tests.train_helpers import torchrun_cmd, write_json
 
     src = exported["vanilla"]["ckpt"]
     common = ["--train-iters", 3, "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng"]
     spec = [tiny_args("--tensor-model-parallel-size", 2, "--load", src, "--save", tmp_path / "tp2", *common,
-                      mock=True),
-            tiny_args("--pipeline-model-parallel-size", 2, "--load", tmp_path / "tp2", "--save",
-                      tmp_path / "pp2", *common, mock=True)]
+                      mock=True)]
     write_json(tmp_path / "spec.json", [[str(a) for a in argv] for argv in spec])
     proc = subprocess.run(torchrun_cmd(ROOT / "tests/distributed/reshard_worker.py", [tmp_path / "spec.json"]),
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    for layout in ("tp2", "pp2"):
-        saved = megatron_io.read_common(str(tmp_path / layout))[1]["layout"]
-        assert (saved["tp"], saved["pp"]) == ((2, 1) if layout == "tp2" else (1, 2))
-    state, _, _ = megatron_state_and_logits(tmp_path / "pp2")
+    saved = megatron_io.read_common(str(tmp_path / "tp2"))[1]["layout"]
+    assert (saved["tp"], saved["pp"]) == (2, 1)
+    state, _, _ = megatron_state_and_logits(tmp_path / "tp2")
     original = exported["vanilla"]["state"]
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in state)
-    export_to_hf(str(tmp_path / "pp2"), str(tmp_path / "hf"))
+    export_to_hf(str(tmp_path / "tp2"), str(tmp_path / "hf"))
     first, second = hf_model(exported["vanilla"]["hf"]).state_dict(), hf_model(tmp_path / "hf").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
