@@ -23,6 +23,8 @@ setup(
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed==0.19.8"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib"],
+        # Hugging Face export/import (tools/convert_checkpoint.py); tested with 5.23.
+        "hf": ["transformers>=4.40"],
+        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib", "transformers>=4.40"],
     },
 )
