@@ -22,7 +22,7 @@ from collections import deque
 import torch
 
 from .activation_stats import ActivationStats
-from .grad_stats import key_name, named_parameter_groups, squared_norms
+from .grad_stats import key_name, named_parameter_groups, squared_norms, unwrap
 from .spike_detector import SpikeDetector
 
 
@@ -83,12 +83,7 @@ class StabilityMonitor:
 
     # ----- helpers
     def _chunks(self, state):
-        chunks = []
-        for c in state.model:
-            while hasattr(c, "module"):
-                c = c.module
-            chunks.append(c)
-        return chunks
+        return [unwrap(c) for c in state.model]
 
     def _measured(self, iteration) -> bool:
         return bool(self.interval) and iteration % self.interval == 0

@@ -26,7 +26,8 @@ def group_keys(num_layers: int) -> List[Tuple]:
         [(None, g) for g in MODEL_GROUPS]
 
 
-def _unwrap(chunk):
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
@@ -66,7 +67,7 @@ def named_parameter_groups(chunks: Sequence[torch.nn.Module]):
 
     seen = set()
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap(chunk)
         prefixes = _layer_numbers(model)
         for name, p in model.named_parameters():
             if id(p) in seen or not param_is_not_shared(p) or not param_is_not_tensor_parallel_duplicate(p):
@@ -82,7 +83,7 @@ def squared_norms(chunks, num_layers: int, use_grads: bool = True, loss_scale: f
 
     keys = group_keys(num_layers)
     index = {k: i for i, k in enumerate(keys)}
-    device = next(iter(_unwrap(chunks[0]).parameters())).device
+    device = next(iter(unwrap(chunks[0]).parameters())).device
     totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for key, _, p in named_parameter_groups(chunks):
         t = getattr(p, "main_grad", None) if use_grads else p
