@@ -13,6 +13,7 @@ bash tools/setup_env.sh dev
 py=.venv/bin/python
 ITERS="${ITERS:-300}" LR="${LR:-1e-2}" OUT="${OUT:-runs/quickstart}" DATA="${DATA:-data/quickstart}"
 mkdir -p "$DATA" "$OUT"
+WARMUP=$(( ITERS >= 200 ? 20 : ITERS / 10 ))
 
 [ -f "$DATA/wiki.jsonl" ] || $py tools/prepare_corpus.py --source wiki --output "$DATA/wiki.jsonl"
 [ -f "$DATA/tok.model" ] || $py tools/train_tokenizer.py --input "$DATA/wiki.jsonl" --json-keys text \
@@ -28,24 +29,31 @@ OMP_NUM_THREADS=2 $py tools/stability_report.py --num-layers 6 --hidden-size 256
 model=(--num-layers 6 --hidden-size 256 --num-attention-heads 8 --seq-length 128
        --max-position-embeddings 128 --micro-batch-size 8 --global-batch-size 8
        --untie-embeddings-and-output-weights --init-method-std 0.02
-       --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 20 --train-iters "$ITERS"
+       --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters "$WARMUP" --train-iters "$ITERS"
        --adam-beta1 0.9 --adam-beta2 0.999 --clip-grad 1.0 --weight-decay 0.01
        --hidden-dropout 0 --attention-dropout 0
-       --data-path "$DATA/wiki_text_document" --split 98,2,0
+       --data-path "$DATA/wiki_text_document" --split "98,2,0"
        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tok.model"
        --log-interval 25 --eval-interval "$ITERS" --eval-iters 10 --seed 1234
        --monitor-interval 10 --spike-policy log --spike-zscore 6 --spike-window 64)
 
 echo "== training Vanilla and Scaled Embed side by side ($ITERS iterations each, lr $LR)"
 pids=()
-for method in vanilla scaled_embed; do
+methods=(vanilla scaled_embed)
+for method in "${methods[@]}"; do
     extra=()
     [ "$method" = scaled_embed ] && extra=(--scaled-embed)
     OMP_NUM_THREADS=1 $py pretrain_gpt.py "${model[@]}" "${extra[@]}" --monitor-dir "$OUT/$method" \
         > "$OUT/$method.log" 2>&1 &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+        echo "training ${methods[$i]} failed; last lines of $OUT/${methods[$i]}.log:" >&2
+        tail -n 5 "$OUT/${methods[$i]}.log" >&2
+        exit 1
+    fi
+done
 grep -h "validation loss at iteration $ITERS" "$OUT"/vanilla.log "$OUT"/scaled_embed.log | sed 's/^/  /' || true
 
 echo "== summary"
