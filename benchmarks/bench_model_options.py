@@ -9,26 +9,10 @@ copy of a weight.
 """
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
-
-
-def setup_single_process():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_patch.compat import cpu
-
-    cpu.enable()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(0)
 
 
 VARIANTS = {
@@ -51,7 +35,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    setup_single_process()
+    from megatron_patch.training.initialize import init_single_process
+
+    init_single_process(seed=0)
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig

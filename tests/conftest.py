@@ -1,6 +1,5 @@
 """Shared fixtures: a one-process megatron-core environment on CPU (gloo)."""
 
-import os
 import socket
 
 import pytest
@@ -17,21 +16,11 @@ def free_port() -> int:
 def mcore():
     """torch.distributed (gloo, world size 1) + parallel_state TP=PP=1 + CPU compat, seeded."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    if not torch.cuda.is_available():
-        from megatron_patch.compat import cpu
+    from megatron_patch.training.initialize import init_single_process, teardown
 
-        cpu.enable()
-    if not torch.distributed.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
+    init_single_process(1234)
     yield parallel_state
-    from megatron_patch.training.initialize import teardown
-
     teardown()  # also frees the gloo subgroups' threads
 
 

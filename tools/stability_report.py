@@ -58,23 +58,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def init_single_process(seed: int):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not torch.cuda.is_available():
-        from megatron_patch.compat import cpu
-
-        cpu.enable()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(seed)
-
-
 def measure(args, options: dict):
     """Per-layer rows for one variant: list of dicts, one per Transformer layer."""
     from megatron_patch.model import build_gpt_model
@@ -134,6 +117,8 @@ def main(argv=None):
                         num_attention_heads=args.num_attention_heads, **configured)
     except StabilityConfigError as e:
         sys.exit(f"error: {e}")
+    from megatron_patch.training.initialize import init_single_process
+
     init_single_process(args.seed)
     base = {k: v for k, v in configured.items() if k not in NO_FIX}
     variants = {"configured": configured}

@@ -157,6 +157,23 @@ def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def init_single_process(seed: int = 1234) -> None:
+    """One process without a launcher (tools, benchmarks, tests): gloo world of 1 on an in-memory
+    store, parallel_state TP=PP=1, megatron's RNG tracker seeded; CPU compat where no CUDA."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.cuda.is_available():
+        from megatron_patch.compat import cpu
+
+        cpu.enable()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(seed)
+
+
 def teardown() -> None:
     """Undo parallel_state and free its process groups; the default group stays, so a process
     can train again (tests do). megatron-core's destroy_model_parallel only drops its references:
