@@ -50,17 +50,18 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/spike_sweep")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2")
+    p.add_argument("--lrs", default="3e-3,1e-2,3e-2")
     p.add_argument("--seeds", default="1,2")
-    p.add_argument("--iters", type=int, default=600)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--init-std", type=float, default=0.02,
-                   help="sigma of every matrix and the embedding (0.02 = [SNM]'s sqrt(2/(5d)) at d=1000)")
+    p.add_argument("--init-std", type=float, default=None,
+                   help="sigma of every matrix and the embedding (default: [SNM]'s small init "
+                        "sqrt(2/(5d)), --small-init; 0.02 is Megatron's default = [SNM]'s sigma at d=1024)")
     p.add_argument("--wesar-init-std", type=float, default=0.0063246,
                    help="WeSaR's common std ([WeSaR]: sigma^2 = 4e-5)")
     p.add_argument("--adam-beta2", type=float, default=0.999)
@@ -106,7 +107,7 @@ def training_argv(args, method, lr, seed, run_dir):
             "--max-position-embeddings", s, "--micro-batch-size", args.micro_batch_size,
             "--global-batch-size", args.micro_batch_size,
             "--untie-embeddings-and-output-weights",  # facts §6: tied embeddings grow fast under Adam
-            "--init-method-std", args.init_std,
+            *(["--small-init"] if args.init_std is None else ["--init-method-std", args.init_std]),
             "--lr", lr, "--min-lr", lr / 10, "--lr-decay-style", "cosine",
             "--lr-warmup-iters", args.warmup, "--train-iters", args.iters,
             "--adam-beta1", 0.9, "--adam-beta2", args.adam_beta2, "--clip-grad", args.clip_grad,
@@ -263,7 +264,7 @@ def aggregate(args, results):
 def write_table(args, cells, path, wall_s):
     lines = [f"Spike sweep: {args.num_layers} layers, d {args.hidden_size}, seq {args.seq_length}, "
              f"batch {args.micro_batch_size}, {args.iters} steps (warm-up {args.warmup}), init std "
-             f"{args.init_std}, AdamW beta2 {args.adam_beta2}, clip {args.clip_grad}, seeds "
+             f"{'sqrt(2/(5d)) (small init)' if args.init_std is None else args.init_std}, AdamW beta2 {args.adam_beta2}, clip {args.clip_grad}, seeds "
              f"{','.join(map(str, args.seeds))}. Spikes: monitor z > {args.spike_zscore:g} over "
              f"{args.spike_window} steps (loss / grad norm, summed over seeds). Val loss: mean ± sd over "
              f"non-diverged seeds.", "",
