@@ -47,12 +47,15 @@ def stop():
     initialize.teardown()
 
 
-def build_model(args, padded_vocab_size: int):
-    """The GPTModel these flags describe, whole (TP=1, PP=1), fp32 unless the flags say otherwise."""
+def build_model(args, padded_vocab_size: int, on_cpu: bool = True):
+    """The GPTModel these flags describe, whole (TP=1, PP=1), fp32 unless the flags say otherwise,
+    initialised on CPU. `on_cpu=False` gives it the kernels the trainer uses on a GPU (there the
+    fused bias-GELU is the tanh approximation), so it computes what training computed there."""
     from megatron_patch.model import build_gpt_model
     from megatron_patch.training.model_builder import transformer_config_from_args
 
-    config = transformer_config_from_args(args, on_cpu=True)
+    config = transformer_config_from_args(SimpleNamespace(**{**vars(args), "use_cpu_initialization": True}),
+                                          on_cpu=on_cpu)
     return build_gpt_model(
         config, padded_vocab_size, args.max_position_embeddings,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -74,15 +77,19 @@ def read_common(load_dir: str, step=None):
     return path, common
 
 
-def load_model(load_dir: str, step=None):
-    """(fp32 GPTModel at TP=1/PP=1 with the checkpoint's weights, its args, common state).
-    Call between `start_single_process` and `stop` (see `loaded_checkpoint`)."""
+def load_model(load_dir: str, step=None, on_cpu: bool = True):
+    """(fp32 GPTModel at TP=1/PP=1 on CPU with the checkpoint's weights, its args, common state);
+    `on_cpu` as in `build_model`. Call between `start_single_process` and `stop` (see
+    `loaded_checkpoint`)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     path, common = read_common(load_dir, step)
     args = args_from_saved(common["args"])
-    model = build_model(args, common["padded_vocab_size"])
+    # fp32 config as well as weights: a bf16 config would cast attention probabilities of fp32
+    # inputs back to bf16 (megatron-core's FusedScaleMaskSoftmax with softmax in fp32).
+    fp32 = SimpleNamespace(**{**vars(args), "fp16": False, "bf16": False})
+    model = build_model(fp32, common["padded_vocab_size"], on_cpu)
     try:
         loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)
         model.load_state_dict(loaded["model0"], strict=True)
@@ -97,14 +104,14 @@ def load_model(load_dir: str, step=None):
 class loaded_checkpoint:
     """`with loaded_checkpoint(dir) as (model, args, common):` — process group set up and torn down."""
 
-    def __init__(self, load_dir, step=None):
-        self.load_dir, self.step = load_dir, step
+    def __init__(self, load_dir, step=None, on_cpu=True):
+        self.load_dir, self.step, self.on_cpu = load_dir, step, on_cpu
 
     def __enter__(self):
         _, common = read_common(self.load_dir, self.step)
         start_single_process(args_from_saved(common["args"]))
         try:
-            return load_model(self.load_dir, self.step)
+            return load_model(self.load_dir, self.step, self.on_cpu)
         except BaseException:
             stop()
             raise
@@ -126,6 +133,6 @@ def save_model_checkpoint(model, args, save_dir: str, vocab_size: int, padded_vo
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """[b, s, vocab] logits of the whole model for token ids [b, s] (causal, positions 0..s-1)."""
     b, s = tokens.shape
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
     with torch.no_grad():
         return model(tokens, position_ids, attention_mask=None)
