@@ -4,6 +4,9 @@
 # A CPU machine must not pull torch's multi-GB CUDA build: if torch is missing we install the
 # CPU wheel from TORCH_WHEEL_DIR (default /opt/wheels) when it is there, else from
 # TORCH_INDEX_URL (default: PyTorch's CPU index).
+# With the extra dev or deepspeed, DeepSpeed (the version pinned in setup.py) is built against
+# that torch: pip install --no-build-isolation, since an isolated build has no torch to import
+# (and would fetch a CUDA one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
@@ -22,5 +25,14 @@ if ! "$py" -c "import torch" 2>/dev/null; then
         pip_install torch
     fi
 fi
-pip_install -e ".[$extras]"
+pip_extras="$extras"
+case ",$extras," in
+    *,dev,*|*,deepspeed,*)
+        deepspeed_pin="$(grep -o '"deepspeed==[0-9.]*"' setup.py | tr -d '"')"
+        [ -n "$deepspeed_pin" ] || { echo "setup_env.sh: no deepspeed==X pin in setup.py" >&2; exit 1; }
+        pip_install "setuptools>=70.1"  # builds the wheel without the separate wheel package
+        pip_install --no-build-isolation "$deepspeed_pin"
+        pip_extras="$(echo ",$extras," | sed 's/,deepspeed,/,/g; s/^,//; s/,$//')" ;;
+esac
+pip_install -e ".${pip_extras:+[$pip_extras]}"
 echo "environment ready: $venv ($("$py" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"

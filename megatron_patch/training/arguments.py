@@ -22,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     from megatron_patch.config import add_stability_args
+    from megatron_patch.deepspeed.config import add_deepspeed_args
     from megatron_patch.monitor.callback import add_monitor_args
 
     from .dry_run import add_dry_run_args
@@ -38,6 +39,7 @@ def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     logging.add_logging_args(parser)
     add_stability_args(parser)
     add_monitor_args(parser)
+    add_deepspeed_args(parser)  # issue 8: --deepspeed (megatron_patch/deepspeed)
     add_dry_run_args(parser)
     return parser
 
@@ -53,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def validate_args(args, world_size=None) -> argparse.Namespace:
     """Fill derived values and refuse bad or contradictory flags (raises SetupError)."""
     from megatron_patch.config import StabilityConfigError, stability_kwargs
+    from megatron_patch.deepspeed.config import validate_deepspeed_args
     from megatron_patch.monitor.callback import validate_monitor_args
 
     world_size = initialize.world_size_from_env() if world_size is None else world_size
@@ -69,6 +72,7 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     checkpointing.validate_checkpointing_args(args)
     logging.validate_logging_args(args)
     validate_monitor_args(args, fail=_raise_setup_error)
+    validate_deepspeed_args(args)  # no-op without --deepspeed
     try:
         stability_kwargs(args)
     except StabilityConfigError as exc:

@@ -23,6 +23,7 @@ from .errors import SetupError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
+DEEPSPEED_METADATA = "megatron_patch_deepspeed.json"  # marks a --deepspeed checkpoint directory
 
 
 def add_checkpointing_args(parser):
@@ -145,13 +146,7 @@ def save_checkpoint(ctx, state) -> str:
 
     use_in_process_results_queue()  # synchronous save: no spawn-manager process
     args = ctx.args
-    final = _iter_dir(args.save, state.iteration)
-    tmp = final + ".tmp"
-    if _rank0():
-        os.makedirs(args.save, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
-        os.makedirs(tmp)
-    _barrier()
+    final, tmp = begin_save(args.save, state.iteration)
     metadata = _optimizer_metadata(args)
     sd = _sharded_state_dict(ctx, not args.no_save_optim, not args.no_save_rng, False, metadata)
     sd.update(
@@ -164,17 +159,35 @@ def save_checkpoint(ctx, state) -> str:
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
     dist_checkpointing.save(sd, tmp, content_metadata=metadata)
+    publish(args.save, state.iteration)
+    return final
+
+
+def begin_save(root, iteration):
+    """(final, tmp) directories of iteration's checkpoint; tmp is created empty on rank 0."""
+    final = _iter_dir(root, iteration)
+    tmp = final + ".tmp"
+    if _rank0():
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash
+        os.makedirs(tmp)
+    _barrier()
+    return final, tmp
+
+
+def publish(root, iteration):
+    """Once every rank has written iteration's tmp directory: rename it and point the tracker at it."""
+    final = _iter_dir(root, iteration)
     _barrier()
     if _rank0():
         if os.path.isdir(final):  # re-saving the same iteration: keep the old one until replaced
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.rename(final, final + ".old")
-        os.rename(tmp, final)
-        _fsync_dir(args.save)
-        _write_tracker(args.save, state.iteration)
+        os.rename(final + ".tmp", final)
+        _fsync_dir(root)
+        _write_tracker(root, iteration)
         shutil.rmtree(final + ".old", ignore_errors=True)
     _barrier()
-    return final
 
 
 def _fsync_dir(path):
@@ -230,6 +243,9 @@ def read_checkpoint_header(args, vocab_size, padded_vocab_size):
     if found is None:
         return None
     path, _ = found
+    if os.path.isfile(os.path.join(path, DEEPSPEED_METADATA)):  # issue 8: see megatron_patch/deepspeed
+        raise SetupError(f"{path} is a DeepSpeed checkpoint; resume it with --deepspeed and the same "
+                         "--deepspeed-config")
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user

@@ -224,11 +224,12 @@ def _stop_reason(ctx, signal_handler, start_time) -> Optional[str]:
 
 
 def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signal_handler=None,
-          rollback_fn=None) -> str:
+          rollback_fn=None, step_fn=train_step, eval_fn=evaluate) -> str:
     """Run until --train-iters (or an exit condition). Returns why it stopped.
 
     rollback_fn(state, request) -> train iterators: reloads the last checkpoint when a callback
-    asks for it (state.extra["rollback"]), see megatron_patch/training/rollback.py."""
+    asks for it (state.extra["rollback"]), see megatron_patch/training/rollback.py.
+    step_fn/eval_fn: train_step/evaluate, or the DeepSpeed engine's (megatron_patch/deepspeed)."""
     args, log = ctx.args, ctx.logger
     start_time, last_saved = time.time(), state.iteration if ctx.resumed else None
     step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args)
@@ -242,7 +243,7 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
             last_saved = state.iteration
 
     def run_eval(label, its, batches, valid):
-        loss = evaluate(ctx, its, batches)
+        loss = eval_fn(ctx, its, batches)
         if valid:
             state.consumed_valid_samples += batches * args.global_batch_size
         if loss is not None:
@@ -252,7 +253,7 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
     reason = "done"
     while not args.skip_train and state.iteration < args.train_iters:
         t0 = time.perf_counter()
-        loss, grad_norm, skipped = train_step(ctx, state, iterators)
+        loss, grad_norm, skipped = step_fn(ctx, state, iterators)
         step_time = time.perf_counter() - t0
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size

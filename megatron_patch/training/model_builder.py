@@ -168,10 +168,10 @@ def transformer_config_from_args(args, on_cpu: bool):
         raise SetupError(f"model configuration: {exc}") from None
 
 
-def build_model_chunks(args, config, vocab_size: int, device: torch.device):
-    """GPTModel chunk(s) for this pipeline rank, wrapped in megatron-core DDP (as Megatron-LM's get_model)."""
+def build_gpt_chunks(args, config, vocab_size: int, device: torch.device):
+    """GPTModel chunk(s) for this pipeline rank on `device`, in Float16Module for fp16/bf16; no DDP
+    (the DeepSpeed engine wraps these instead, see megatron_patch/deepspeed)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
     from megatron_patch.config import StabilityConfigError
@@ -200,6 +200,14 @@ def build_model_chunks(args, config, vocab_size: int, device: torch.device):
 
     if args.fp16 or args.bf16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
+    return chunks
+
+
+def build_model_chunks(args, config, vocab_size: int, device: torch.device):
+    """GPTModel chunk(s) for this pipeline rank, wrapped in megatron-core DDP (as Megatron-LM's get_model)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    chunks = build_gpt_chunks(args, config, vocab_size, device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
         overlap_grad_reduce=args.overlap_grad_reduce,
@@ -232,5 +240,5 @@ def count_parameters(chunks) -> int:
         for p in unwrap(chunk).parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                total += p.numel()
+                total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions keep the full size here
     return total

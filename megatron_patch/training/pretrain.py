@@ -12,28 +12,47 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _checkpoints(args):
+    """Checkpoint read/write: megatron-core dist_checkpointing, or DeepSpeed's engine (issue 8)."""
+    if args.deepspeed:
+        from megatron_patch.deepspeed import checkpoint
+
+        return checkpoint
+    from . import checkpointing
+
+    return checkpointing
+
+
 def build(args, callbacks=None):
     """Process groups, tokenizer, data, model, optimizer, checkpoint: a ready TrainContext."""
-    from . import checkpointing, data, initialize, model_builder, optimizer
+    from . import data, initialize, model_builder, optimizer
     from .logging import TrainingLogger
     from .loop import TrainContext, TrainState, wire_schedule_config
 
+    ckpt = _checkpoints(args)
     runtime = initialize.initialize_distributed(args)
     tokenizer = data.build_tokenizer(args)
     if not args.mock_data:
         data.check_vocabulary(args, tokenizer)
     padded = model_builder.padded_vocab_size(tokenizer.vocab_size, args)
-    header = checkpointing.read_checkpoint_header(args, tokenizer.vocab_size, padded) if args.load else None
+    header = ckpt.read_checkpoint_header(args, tokenizer.vocab_size, padded) if args.load else None
     datasets = data.build_datasets(args, tokenizer)
     config = args.transformer_config
-    model = model_builder.build_model_chunks(args, config, padded, runtime.device)
-    opt = optimizer.build_optimizer(args, model)
-    ctx = TrainContext(args=args, model=model, optimizer=opt, scheduler=optimizer.build_scheduler(args, opt),
+    if args.deepspeed:  # issue 8: DeepSpeed's engine instead of megatron-core's DDP and optimizer
+        from megatron_patch.deepspeed.engine import build_engine
+
+        model, opt, scheduler = build_engine(args, config, padded, runtime.device)
+    else:
+        model = model_builder.build_model_chunks(args, config, padded, runtime.device)
+        opt = optimizer.build_optimizer(args, model)
+        scheduler = optimizer.build_scheduler(args, opt)
+    ctx = TrainContext(args=args, model=model, optimizer=opt, scheduler=scheduler,
                        config=config, runtime=runtime, vocab_size=tokenizer.vocab_size,
                        padded_vocab_size=padded, callbacks=CallbackList(callbacks))
-    wire_schedule_config(ctx)
+    if not args.deepspeed:
+        wire_schedule_config(ctx)
     state = TrainState()
-    ctx.resumed = checkpointing.load_checkpoint(ctx, state, header)
+    ctx.resumed = ckpt.load_checkpoint(ctx, state, header)
     ctx.logger = TrainingLogger(args, padded, runtime.world_size)
     for callback in ctx.callbacks.callbacks:
         if hasattr(callback, "attach_logger"):
@@ -76,10 +95,16 @@ def run(argv=None, callbacks=None):
         ctx, state, iters = build(args, callbacks)
         if iters["train"] is None and not args.skip_train and args.train_iters > 0:
             raise SetupError("the training split is empty")
+        engine_steps = {}
+        if args.deepspeed:  # issue 8: the engine's train/eval steps
+            from megatron_patch.deepspeed.engine import loop_functions
+
+            engine_steps = loop_functions(ctx)
         ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"],
-                                save_fn=lambda st: checkpointing.save_checkpoint(ctx, st),
+                                save_fn=lambda st: _checkpoints(args).save_checkpoint(ctx, st),
                                 signal_handler=handler,
-                                rollback_fn=make_rollback_fn(ctx, ctx.datasets) if args.spike_policy == "rollback" else None)
+                                rollback_fn=make_rollback_fn(ctx, ctx.datasets) if args.spike_policy == "rollback" else None,
+                                **engine_steps)
         ctx.state = state
         ctx.logger.close()
         return ctx
