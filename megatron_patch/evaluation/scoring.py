@@ -76,8 +76,8 @@ def lambada(examples: Sequence[Tuple[List[int], List[int]]], logits_fn: Callable
     """LAMBADA scoring of (context ids, target ids) pairs: the input is context + target[:-1], and
     an example is correct iff the greedy (argmax) prediction at each of the last len(target)
     positions is the target token (Megatron-LM's tasks/zeroshot_gpt). word_perplexity =
-    exp(mean over examples of the target word's NLL), the LAMBADA perplexity GPT-2 and
-    lm-evaluation-harness report; token_perplexity = exp(mean NLL per target token)."""
+    exp(mean over examples of the target word's NLL), the LAMBADA perplexity
+    lm-evaluation-harness reports; token_perplexity = exp(mean NLL per target token)."""
     if not examples:
         raise ValueError("no LAMBADA examples to score")
     correct, word_nll, target_tokens = 0, 0.0, 0

@@ -271,7 +271,8 @@ def test_bad_data_is_one_line(run, capsys):
         (["--data-path", run.held, "--stride", 33], "--stride 33 exceeds the window (32 tokens)"),
         (["--data-path", run.held, "--seq-length", 64], "exceeds the model's 32 positions"),
         (["--data-path", wide], "holds token id 300, but the checkpoint's vocabulary has 201 ids"),
-        (["--input", run.tmp / "empty.jsonl", "--vocab-size", 100], "has 101 ids, but the checkpoint was trained with 201"),
+        (["--input", run.tmp / "empty.jsonl", "--vocab-size", 100],
+         "has 101 ids, but the checkpoint was trained with 201"),
         (["--input", run.tmp / "words.jsonl", "--json-key", "body"], "line 1 has no key 'body'"),
     ]
     for argv, named in cases:
