@@ -281,3 +281,12 @@ def test_bad_data_is_one_line(run, capsys):
         assert err.startswith("evaluate.py: error: ") and err.count("\n") == 1 and named in err, err
     assert evaluate.main(["--load", str(run.tmp / "nockpt"), "--data-path", str(run.held)]) == 1
     assert "no checkpoint (latest_checkpointed_iteration.txt missing)" in capsys.readouterr().err
+    (run.tmp / "nockpt" / "latest_checkpointed_iteration.txt").write_text("1")
+    (run.tmp / "nockpt" / "iter_0000001").mkdir()
+    for marker, named in ((None, "is not a distributed checkpoint"), ("megatron_patch_deepspeed.json",
+                                                                       "is a --deepspeed checkpoint")):
+        if marker:
+            (run.tmp / "nockpt" / "iter_0000001" / marker).write_text("{}")
+        assert evaluate.main(["--load", str(run.tmp / "nockpt"), "--data-path", str(run.held)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err, err
