@@ -251,6 +251,7 @@ def test_lambada_examples_split_skip_truncate():
     (["--load", ".", "--input", "/nonexistent.jsonl"], "/nonexistent.jsonl not found"),
     (["--load", ".", "--input", "README.md", "--stride", "0"], "--stride must be at least 1"),
     (["--data-path", "x"], "required: --load"),
+    (["--load", ".", "--input", "README.md", "--output-json", "/nonexistent/r.json"], "directory does not exist"),
 ])
 def test_bad_command_line_is_one_line(argv, named):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/evaluate.py"), *argv], cwd=ROOT,
