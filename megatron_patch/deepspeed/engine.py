@@ -12,6 +12,7 @@ fp16/bf16 and loss scaling.
 """
 
 import os
+import warnings
 
 import torch
 
@@ -25,11 +26,14 @@ def import_deepspeed():
     oneccl_bindings_for_pytorch were installed), and setting it skips DeepSpeed's device probing.
 
     On CPU, DeepSpeed's communication backend would also JIT-compile a shared-memory all-reduce
-    kernel when it starts (over 2 minutes of g++ on 2 cores, and a compiler on the machine) that
+    kernel when it starts (88 s of g++ CPU time here, and a compiler on the machine) that
     only its inference all-reduce uses; training collectives go through torch.distributed either
     way. It is marked unavailable in DeepSpeed's table of compatible ops (a dict DeepSpeed keeps
     for edits like this; it does the same itself off Linux)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # torch 2.13 renamed two collectives DeepSpeed 0.19.8 calls; it warns again and again.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     import deepspeed
     import deepspeed.ops
 
@@ -112,6 +116,7 @@ def build_engine(args, config, padded_vocab_size, device):
     adam = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     scheduler = build_scheduler(args, adam)  # sets the iteration-0 lr and weight decay per group
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank or 0))  # DeepSpeed asserts it; unset without a launcher
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adam, mpu=ParallelStateMPU(),
                                                config=args.deepspeed_config_dict, dist_init_required=False)

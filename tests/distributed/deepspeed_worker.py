@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 2 deepspeed_worker.py SPEC.json OUT_DIR
 
 SPEC.json: [{"name": ..., "argv": [...], "crash_on_save": ITERATION (optional)}, ...]. Each run
-writes OUT_DIR/<name>.rank<R>.json: {"history": [...], "param_groups": [[wd_mult, weight_decay,
-lr], ...]}, or {"error": message} for a SetupError, or {"crashed": message} when the injected
+writes OUT_DIR/<name>.rank<R>.json: {"history": [...], "eval": [validation losses],
+"param_groups": [[wd_mult, weight_decay, lr], ...]}, or {"error": message} for a SetupError, or
+{"crashed": message} when the injected
 crash fired: DeepSpeed's save_checkpoint raises right after writing every file of that iteration,
 before the trainer publishes it (what a kill at that moment leaves behind).
 """
@@ -22,6 +23,14 @@ from megatron_patch.training.pretrain import run  # noqa: E402
 
 class InjectedCrash(RuntimeError):
     pass
+
+
+class EvalRecorder:
+    def __init__(self):
+        self.losses = []
+
+    def on_eval_end(self, state, metrics):
+        self.losses.append(metrics["lm loss"])
 
 
 @contextlib.contextmanager
@@ -47,16 +56,16 @@ def crash_after_writing(iteration):
 
 
 def one_run(item) -> dict:
-    crash = item.get("crash_on_save")
+    crash, evals = item.get("crash_on_save"), EvalRecorder()
     try:
         with crash_after_writing(crash) if crash else contextlib.nullcontext():
-            ctx = run(item["argv"])
+            ctx = run(item["argv"], callbacks=[evals])
     except SetupError as exc:
         return {"error": str(exc)}
     except InjectedCrash as exc:
         return {"crashed": str(exc)}
     groups = [[g["wd_mult"], g["weight_decay"], g["lr"]] for g in ctx.optimizer.param_groups]
-    return {"history": ctx.history, "param_groups": groups}
+    return {"history": ctx.history, "eval": evals.losses, "param_groups": groups}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""--deepspeed: ZeRO 1/2/3 (DP=2) and TP=2 + ZeRO-1 reproduce the Megatron engine's losses and lr
-curve, resume exactly (after --exit-interval and after a crash in the middle of a save, which
-leaves the last good checkpoint in charge), and bad configurations stop with one line.
+"""--deepspeed: ZeRO 1/2/3 (DP=2) and TP=2 + ZeRO-1 reproduce the Megatron engine's training and
+validation losses and lr curve; resume is exact (after --exit-interval, and after a crash in the
+middle of a save, which leaves the last good checkpoint in charge); bad configurations stop with
+one line.
 
 All runs share one torchrun launch (tests/distributed/deepspeed_worker.py). Same seed, so the
 same initial weights; same data iterators; dropout off; 2 micro-batches per DP rank, so DeepSpeed
 accumulates gradients. Tolerance: |delta loss| <= ATOL per iteration over 6 iterations (measured
-max 4.8e-7; the engines sum and clip gradients in a different order).
+max 4.8e-7, one float32 step at 5.4, training and validation: the engines sum and clip gradients
+in a different order).
 """
 
 import json
@@ -32,7 +34,8 @@ def runs(tmp_path_factory):
     corpus = make_corpus(tmp / "data" / "tiny_text_document")
 
     def base(*extra):
-        return tiny_args("--train-iters", ITERS, "--micro-batch-size", 2, *extra, data=corpus)
+        return tiny_args("--train-iters", ITERS, "--micro-batch-size", 2, "--eval-interval", 3, "--eval-iters", 2,
+                         *extra, data=corpus)
 
     tp2 = ["--tensor-model-parallel-size", 2]
     spec = [
@@ -82,6 +85,7 @@ def test_zero_matches_megatron_engine(runs, stage):
     _, got = runs
     ref, ds = got["megatron_dp2"], got[f"zero{stage}"]
     assert close(losses(ds), losses(ref)), (losses(ds), losses(ref))
+    assert len(ref["eval"]) == 3 and close(ds["eval"], ref["eval"]), (ds["eval"], ref["eval"])  # valid 3, 6; test
     assert [h["lr"] for h in ds["history"]] == [h["lr"] for h in ref["history"]]
     assert ds["param_groups"] == ref["param_groups"]  # same weight-decay groups, same schedule
     assert not any(h["skipped"] for h in ds["history"])
@@ -91,7 +95,8 @@ def test_zero_matches_megatron_engine(runs, stage):
 @pytest.mark.slow
 def test_tensor_parallel_with_zero1_matches_megatron_engine(runs):
     _, got = runs
-    assert close(losses(got["tp2_zero1"]), losses(got["megatron_tp2"])), (got["tp2_zero1"], got["megatron_tp2"])
+    ds, ref = got["tp2_zero1"], got["megatron_tp2"]
+    assert close(losses(ds), losses(ref)) and close(ds["eval"], ref["eval"]), (ds, ref)
 
 
 @pytest.mark.slow
@@ -99,6 +104,7 @@ def test_resume_after_exit_interval_is_exact(runs):
     _, got = runs
     assert len(got["zero3_stopped"]["history"]) == 3
     assert losses(got["zero3_resumed"]) == losses(got["zero3"])[3:]
+    assert got["zero3_resumed"]["eval"] == got["zero3"]["eval"][1:]  # validation data position restored
 
 
 @pytest.mark.slow
