@@ -10,6 +10,7 @@ best smoothed value and never came back). Then it writes a markdown table and tw
     results.json         every run's summary and (thinned) curves
     table.md             per method x lr: seeds, diverged, spikes, max grad norm, val loss
     loss_curves.png      per method, the loss curve at the highest lr where no seed diverged
+    loss_by_lr.png       per lr, every method's loss curve (mean over seeds)
     val_loss_vs_lr.png   best validation loss (mean over seeds) vs lr, per method
 
     PYTHONPATH=. python benchmarks/spike_sweep.py --out results/spike_sweep     # the full sweep
@@ -261,6 +262,16 @@ def aggregate(args, results):
     return cells
 
 
+def pivot(args, cells, title, fmt):
+    """Markdown rows: one per method, one column per lr."""
+    lrs = sorted(args.lrs)
+    rows = [f"| {title} | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for method in args.methods:
+        rows.append(f"| {method} | " + " | ".join(fmt(cells[method, lr]) if (method, lr) in cells else " "
+                                                 for lr in lrs) + " |")
+    return rows
+
+
 def write_table(args, cells, path, wall_s):
     lines = [f"Spike sweep: {args.num_layers} layers, d {args.hidden_size}, seq {args.seq_length}, "
              f"batch {args.micro_batch_size}, {args.iters} steps (warm-up {args.warmup}), init std "
@@ -276,6 +287,11 @@ def write_table(args, cells, path, wall_s):
             f" (n={c['val_n']})" if c["val_n"] != c["seeds"] else "")
         lines.append(f"| {method} | {lr:g} | {c['diverged']}/{c['seeds']} | {c['spiked']}/{c['seeds']} | "
                      f"{c['loss_spikes']} / {c['grad_spikes']} | {c['max_grad_norm']:.2f} | {val} |")
+    lines += ["", *pivot(args, cells, "validation loss (mean ± sd over seeds; † = a seed diverged)",
+                         lambda c: "-" if c["val_mean"] is None else f"{c['val_mean']:.3f}"
+                         + (f" ± {c['val_sd']:.3f}" if c["val_sd"] is not None else "") + (" †" if c["diverged"] else "")),
+              "", *pivot(args, cells, "largest gradient norm (before clipping) over all seeds; spikes flagged",
+                         lambda c: f"{c['max_grad_norm']:.1f}; {c['loss_spikes'] + c['grad_spikes']}")]
     best = {}
     for (method, lr), c in cells.items():
         if c["val_mean"] is not None and not c["diverged"] and (
@@ -322,6 +338,25 @@ def plot(args, results, cells, out):
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
     plt.close(fig)
 
+    lrs = sorted(args.lrs)
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), sharey=True, squeeze=False)
+    for ax, lr in zip(axes.flat, lrs):
+        for method in args.methods:
+            curves = [results[n]["curve"] for n in (run_name(method, lr, s) for s in args.seeds) if n in results]
+            if curves:
+                steps = min(len(c) for c in curves)
+                mean = [statistics.fmean(c[i][1] if c[i][1] is not None else float("nan") for c in curves)
+                        for i in range(steps)]
+                ax.plot(range(1, steps + 1), _smoothed(mean, 10), lw=1, label=method)
+        ax.set_title(f"lr {lr:g} (mean over seeds, 10-step average)")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("training loss")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss_by_lr.png"), dpi=110)
+    plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in args.methods:
         pts = [(lr, c["val_mean"]) for (m, lr), c in sorted(cells.items()) if m == method and c["val_mean"] is not None]
@@ -352,7 +387,7 @@ def main(argv=None):
     print(write_table(args, cells, os.path.join(args.out, "table.md"), wall))
     if not args.no_plots:
         plot(args, results, cells, args.out)
-        print(f"plots: {args.out}/loss_curves.png, {args.out}/val_loss_vs_lr.png")
+        print(f"plots: {args.out}/loss_curves.png, loss_by_lr.png, val_loss_vs_lr.png")
     return 0
 
 

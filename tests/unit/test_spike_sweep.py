@@ -22,9 +22,11 @@ def test_smoke_sweep_trains_every_method_and_writes_table_and_plots(tmp_path):
         assert r["steps"] == 6 and not r["diverged"] and math.isfinite(r["val_loss"])
         assert len(r["curve"]) == 6 and r["loss_spikes"] == r["grad_spikes"] == 0
     table = (out / "table.md").read_text()
+    assert "| validation loss (mean ± sd over seeds" in table and "| largest gradient norm" in table
     for method in sweep.METHODS:
         assert f"| {method} | " in table
-    assert (out / "loss_curves.png").stat().st_size > 0 and (out / "val_loss_vs_lr.png").stat().st_size > 0
+    for png in ("loss_curves.png", "loss_by_lr.png", "val_loss_vs_lr.png"):
+        assert (out / png).stat().st_size > 0
     # Each method's flags reached the model: the runs differ (Embed LN changes the very first loss).
     losses = {name: r["curve"][0][1] for name, r in runs.items()}
     assert len({round(v, 5) for v in losses.values()}) > 1
