@@ -2,12 +2,12 @@
 
     torchrun --nproc-per-node 2 deepspeed_worker.py SPEC.json OUT_DIR
 
-SPEC.json: [{"name": ..., "argv": [...], "crash_on_save": ITERATION (optional)}, ...]. Each run
-writes OUT_DIR/<name>.rank<R>.json: {"history": [...], "eval": [validation losses],
+SPEC.json: [{"name": ..., "argv": [...], optional "crash_on_save": ITERATION, "veto_callback": true}].
+Each run writes OUT_DIR/<name>.rank<R>.json: {"history": [...], "eval": [validation losses],
 "param_groups": [[wd_mult, weight_decay, lr], ...]}, or {"error": message} for a SetupError, or
-{"crashed": message} when the injected
-crash fired: DeepSpeed's save_checkpoint raises right after writing every file of that iteration,
-before the trainer publishes it (what a kill at that moment leaves behind).
+{"crashed": message} when the injected crash fired: DeepSpeed's save_checkpoint raises right after
+writing every file of that iteration, before the trainer publishes it (what a kill at that moment
+leaves behind). "veto_callback" adds a callback with on_before_optimizer_step.
 """
 
 import contextlib
@@ -23,6 +23,11 @@ from megatron_patch.training.pretrain import run  # noqa: E402
 
 class InjectedCrash(RuntimeError):
     pass
+
+
+class Veto:
+    def on_before_optimizer_step(self, state):
+        return False
 
 
 class EvalRecorder:
@@ -59,7 +64,7 @@ def one_run(item) -> dict:
     crash, evals = item.get("crash_on_save"), EvalRecorder()
     try:
         with crash_after_writing(crash) if crash else contextlib.nullcontext():
-            ctx = run(item["argv"], callbacks=[evals])
+            ctx = run(item["argv"], callbacks=[evals] + ([Veto()] if item.get("veto_callback") else []))
     except SetupError as exc:
         return {"error": str(exc)}
     except InjectedCrash as exc:

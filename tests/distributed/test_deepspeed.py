@@ -1,4 +1,4 @@
-"""--deepspeed: ZeRO 1/2/3 (DP=2) and TP=2 + ZeRO-1 reproduce the Megatron engine's training and
+"""--deepspeed: ZeRO 0/1/2/3 (DP=2) and TP=2 + ZeRO-1 reproduce the Megatron engine's training and
 validation losses and lr curve; resume is exact (after --exit-interval, and after a crash in the
 middle of a save, which leaves the last good checkpoint in charge); bad configurations stop with
 one line.
@@ -16,16 +16,15 @@ import subprocess
 import pytest
 
 from megatron_patch.training.pretrain import main
-from tests.train_helpers import (ROOT, make_corpus, pretrain_cmd, subprocess_env, tiny_args, torchrun_cmd,
-                                 write_json)
+from tests.train_helpers import ROOT, make_corpus, subprocess_env, tiny_args, torchrun_cmd, write_json
 
 ATOL = 5e-6
 ITERS = 6
 EXAMPLES = ROOT / "examples" / "deepspeed"
 
 
-def zero(stage):
-    return ["--deepspeed", "--deepspeed-config", EXAMPLES / f"zero{stage}.json"]
+def zero(stage, examples=EXAMPLES):
+    return ["--deepspeed", "--deepspeed-config", examples / f"zero{stage}.json"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,10 @@ def runs(tmp_path_factory):
                          *extra, data=corpus)
 
     tp2 = ["--tensor-model-parallel-size", 2]
+    write_json(tmp / "zero0.json", {"zero_optimization": {"stage": 0}})  # DeepSpeed's plain data parallelism
     spec = [
         ("megatron_dp2", base("--save", tmp / "megatron")),
+        ("zero0", base(*zero(0, tmp))),
         ("zero1", base(*zero(1))),
         ("zero2", base(*zero(2))),
         ("zero3", base(*zero(3))),
@@ -47,15 +48,15 @@ def runs(tmp_path_factory):
         ("tp2_zero1", base(*tp2, *zero(1))),
         ("zero3_stopped", base(*zero(3), "--save", tmp / "z3", "--save-interval", 3, "--exit-interval", 3)),
         ("zero3_resumed", base(*zero(3), "--load", tmp / "z3")),
-        ("zero2_crashed", base(*zero(2), "--save", tmp / "z2", "--save-interval", 3), ITERS),
+        ("zero2_crashed", base(*zero(2), "--save", tmp / "z2", "--save-interval", 3), {"crash_on_save": ITERS}),
         ("zero2_after_crash", base(*zero(2), "--load", tmp / "z2")),
         ("megatron_loads_deepspeed", base("--load", tmp / "z3")),
         ("deepspeed_loads_megatron", base(*zero(1), "--load", tmp / "megatron")),
         ("zero2_loads_zero3", base(*zero(2), "--load", tmp / "z3")),
+        ("veto_callback", base(*zero(1)), {"veto_callback": True}),
     ]
-    write_json(tmp / "spec.json", [{"name": s[0], "argv": [str(a) for a in s[1]], "crash_on_save": s[2]}
-                                   if len(s) == 3 else {"name": s[0], "argv": [str(a) for a in s[1]]}
-                                   for s in spec])
+    write_json(tmp / "spec.json", [{"name": name, "argv": [str(a) for a in argv], **(opts[0] if opts else {})}
+                                   for name, argv, *opts in spec])
     out = tmp / "out"
     out.mkdir()
     proc = subprocess.run(torchrun_cmd(ROOT / "tests/distributed/deepspeed_worker.py", [tmp / "spec.json", out]),
@@ -80,7 +81,7 @@ def close(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_matches_megatron_engine(runs, stage):
     _, got = runs
     ref, ds = got["megatron_dp2"], got[f"zero{stage}"]
@@ -89,7 +90,11 @@ def test_zero_matches_megatron_engine(runs, stage):
     assert [h["lr"] for h in ds["history"]] == [h["lr"] for h in ref["history"]]
     assert ds["param_groups"] == ref["param_groups"]  # same weight-decay groups, same schedule
     assert not any(h["skipped"] for h in ds["history"])
-    assert all(abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 for a, b in zip(ds["history"], ref["history"]))
+    norms = [(a["grad_norm"], b["grad_norm"]) for a, b in zip(ds["history"], ref["history"])]
+    if stage == 0:  # DeepSpeed clips fp32 gradients without keeping the norm: none is logged
+        assert all(a is None for a, _ in norms)
+    else:
+        assert all(abs(a - b) < 1e-4 for a, b in norms), norms
 
 
 @pytest.mark.slow
@@ -124,6 +129,12 @@ def test_checkpoint_kinds_and_layouts_are_not_mixed(runs):
     assert "is a DeepSpeed checkpoint; resume it with --deepspeed" in got["megatron_loads_deepspeed"]["error"]
     assert "is not a DeepSpeed checkpoint" in got["deepspeed_loads_megatron"]["error"]
     assert "saved with ZeRO stage 3 at TP=1 DP=2, this run is ZeRO stage 2" in got["zero2_loads_zero3"]["error"]
+
+
+@pytest.mark.slow
+def test_a_callback_that_vetoes_updates_is_refused(runs):
+    _, got = runs
+    assert "callback Veto vetoes optimizer steps" in got["veto_callback"]["error"]
 
 
 def one_error_line(capsys, argv):
@@ -181,9 +192,3 @@ def test_json_is_completed_from_the_flags(tmp_path):
             config["train_batch_size"], config["gradient_clipping"]) == (2, 2, 8, 1.0)
     assert args.zero_stage == 2 and "fp16" not in config and "bf16" not in config
 
-
-def test_cli_exit_code(tmp_path):
-    proc = subprocess.run(pretrain_cmd(ds_args(EXAMPLES / "zero1.json", "--use-distributed-optimizer")),
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("pretrain_gpt.py: error: --use-distributed-optimizer")
