@@ -120,8 +120,9 @@ def build_engine(args, config, padded_vocab_size, device):
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adam, mpu=ParallelStateMPU(),
                                                config=args.deepspeed_config_dict, dist_init_required=False)
-    except (AssertionError, ValueError) as exc:  # DeepSpeed's own config checks
-        raise SetupError(f"--deepspeed-config {args.deepspeed_config}: {exc}") from None
+    except (AssertionError, ValueError) as exc:  # DeepSpeed's own config checks (pydantic: several lines)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "pydantic.dev" not in line]
+        raise SetupError(f"--deepspeed-config {args.deepspeed_config}: {'; '.join(lines)}") from None
     if torch.distributed.get_rank() == 0:
         precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
         print(f" > DeepSpeed {deepspeed.__version__} engine: ZeRO stage {args.zero_stage}, {precision}, "

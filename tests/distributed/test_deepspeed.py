@@ -38,6 +38,7 @@ def runs(tmp_path_factory):
 
     tp2 = ["--tensor-model-parallel-size", 2]
     write_json(tmp / "zero0.json", {"zero_optimization": {"stage": 0}})  # DeepSpeed's plain data parallelism
+    write_json(tmp / "bad_key.json", {"zero_optimization": {"stage": 1, "bogus_key": 1}})
     spec = [
         ("megatron_dp2", base("--save", tmp / "megatron")),
         ("zero0", base(*zero(0, tmp))),
@@ -54,6 +55,7 @@ def runs(tmp_path_factory):
         ("deepspeed_loads_megatron", base(*zero(1), "--load", tmp / "megatron")),
         ("zero2_loads_zero3", base(*zero(2), "--load", tmp / "z3")),
         ("veto_callback", base(*zero(1)), {"veto_callback": True}),
+        ("unknown_json_key", base("--deepspeed", "--deepspeed-config", tmp / "bad_key.json")),
     ]
     write_json(tmp / "spec.json", [{"name": name, "argv": [str(a) for a in argv], **(opts[0] if opts else {})}
                                    for name, argv, *opts in spec])
@@ -135,6 +137,13 @@ def test_checkpoint_kinds_and_layouts_are_not_mixed(runs):
 def test_a_callback_that_vetoes_updates_is_refused(runs):
     _, got = runs
     assert "callback Veto vetoes optimizer steps" in got["veto_callback"]["error"]
+
+
+@pytest.mark.slow
+def test_deepspeeds_own_config_errors_are_one_line(runs):
+    _, got = runs
+    error = got["unknown_json_key"]["error"]
+    assert "\n" not in error and "bogus_key; Extra inputs are not permitted" in error, error
 
 
 def one_error_line(capsys, argv):
