@@ -90,3 +90,14 @@ def logged_losses(stdout):
 
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def one_error_line(capsys, argv):
+    """Runs pretrain_gpt.py's main in-process; asserts exit 1 with one stderr line, returns it."""
+    from megatron_patch.training.pretrain import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("pretrain_gpt.py: error: "), err
+    return err[0]

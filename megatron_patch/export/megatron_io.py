@@ -65,22 +65,12 @@ def build_model(args, padded_vocab_size: int, on_cpu: bool = True):
 
 def read_common(load_dir: str, step=None):
     """(path, common state) of `load_dir`'s latest checkpoint (or iteration `step`)."""
-    from megatron.core import dist_checkpointing
-
     if not os.path.isdir(load_dir):
         raise SetupError(f"--load {load_dir} is not a directory")
     path, _ = checkpointing.find_checkpoint(SimpleNamespace(load=load_dir, ckpt_step=step,
                                                             exit_on_missing_checkpoint=True))
-    if os.path.isfile(os.path.join(path, checkpointing.DEEPSPEED_METADATA)):
-        raise SetupError(f"{path} is a --deepspeed checkpoint; only megatron-core (torch_dist) checkpoints "
-                         "are read here")
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise SetupError(f"unreadable checkpoint {path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
-    if not isinstance(common, dict) or common.get("format_version") != checkpointing.FORMAT_VERSION:
-        raise SetupError(f"{path} is not a checkpoint written by megatron_patch's trainer")
-    return path, common
+    return path, checkpointing.read_common_state(
+        path, "only megatron-core (torch_dist) checkpoints are read here")
 
 
 def load_model(load_dir: str, step=None, on_cpu: bool = True):

@@ -234,24 +234,31 @@ def find_checkpoint(args):
     return path, iteration
 
 
-def read_checkpoint_header(args, vocab_size, padded_vocab_size):
-    """(path, common state) of the checkpoint --load resumes from, checked against this run; or
-    None. Cheap (reads the tracker and common.pt): done before datasets and model are built."""
+def read_common_state(path: str, if_deepspeed: str) -> dict:
+    """The common state (common.pt) of the megatron-core checkpoint at `path`; SetupError naming
+    the problem if it is a DeepSpeed checkpoint (`if_deepspeed`: what to do instead), unreadable,
+    or not written by this trainer."""
     from megatron.core import dist_checkpointing
 
-    found = find_checkpoint(args)
-    if found is None:
-        return None
-    path, _ = found
     if os.path.isfile(os.path.join(path, DEEPSPEED_METADATA)):  # issue 8: see megatron_patch/deepspeed
-        raise SetupError(f"{path} is a DeepSpeed checkpoint; resume it with --deepspeed and the same "
-                         "--deepspeed-config")
+        raise SetupError(f"{path} is a DeepSpeed checkpoint; {if_deepspeed}")
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise SetupError(f"unreadable checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
-        raise SetupError(f"{path} is not a checkpoint written by this trainer")
+        raise SetupError(f"{path} is not a checkpoint written by megatron_patch's trainer")
+    return common
+
+
+def read_checkpoint_header(args, vocab_size, padded_vocab_size):
+    """(path, common state) of the checkpoint --load resumes from, checked against this run; or
+    None. Cheap (reads the tracker and common.pt): done before datasets and model are built."""
+    found = find_checkpoint(args)
+    if found is None:
+        return None
+    path, _ = found
+    common = read_common_state(path, "resume it with --deepspeed and the same --deepspeed-config")
     if common["vocab_size"] != vocab_size or common["padded_vocab_size"] != padded_vocab_size:
         raise SetupError(
             f"vocabulary mismatch: checkpoint {path} has vocab {common['vocab_size']} (padded "

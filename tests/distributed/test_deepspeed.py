@@ -15,8 +15,7 @@ import subprocess
 
 import pytest
 
-from megatron_patch.training.pretrain import main
-from tests.train_helpers import ROOT, make_corpus, subprocess_env, tiny_args, torchrun_cmd, write_json
+from tests.train_helpers import ROOT, make_corpus, one_error_line, subprocess_env, tiny_args, torchrun_cmd, write_json
 
 ATOL = 5e-6
 ITERS = 6
@@ -144,14 +143,6 @@ def test_deepspeeds_own_config_errors_are_one_line(runs):
     _, got = runs
     error = got["unknown_json_key"]["error"]
     assert "\n" not in error and "bogus_key; Extra inputs are not permitted" in error, error
-
-
-def one_error_line(capsys, argv):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert len(err) == 1 and err[0].startswith("pretrain_gpt.py: error: "), err
-    return err[0]
 
 
 def ds_args(config, *extra):

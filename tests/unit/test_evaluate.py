@@ -285,7 +285,7 @@ def test_bad_data_is_one_line(run, capsys):
     (run.tmp / "nockpt" / "latest_checkpointed_iteration.txt").write_text("1")
     (run.tmp / "nockpt" / "iter_0000001").mkdir()
     for marker, named in ((None, "is not a distributed checkpoint"), ("megatron_patch_deepspeed.json",
-                                                                       "is a --deepspeed checkpoint")):
+                                                                       "is a DeepSpeed checkpoint")):
         if marker:
             (run.tmp / "nockpt" / "iter_0000001" / marker).write_text("{}")
         assert evaluate.main(["--load", str(run.tmp / "nockpt"), "--data-path", str(run.held)]) == 1

@@ -5,22 +5,13 @@ import subprocess
 
 import pytest
 
-from megatron_patch.training.pretrain import main
-from tests.train_helpers import ROOT, make_corpus, pretrain_cmd, run_inprocess, subprocess_env, tiny_args
+from tests.train_helpers import ROOT, make_corpus, one_error_line, pretrain_cmd, run_inprocess, subprocess_env, tiny_args
 
 
 def snapshot(root):
     """{relative path: sha256} of every file under root."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys, argv):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert len(err) == 1 and err[0].startswith("pretrain_gpt.py: error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
