@@ -152,12 +152,9 @@ def _micro_batch(engine, iterator):
 def train_step(ctx, state, iterators):
     """One global batch: backward per micro-batch, DeepSpeed's update at the accumulation boundary,
     then the lr schedule (as on the Megatron path, a skipped update does not advance it)."""
-    from megatron_patch.training.callbacks import StepState
     from megatron_patch.training.loop import _reduce_loss
 
     engine, args = ctx.model[0], ctx.args
-    if ctx.callbacks:
-        ctx.callbacks.on_step_start(StepState(state.iteration + 1, ctx.model, ctx.optimizer, args))
     reports = []
     for _ in range(args.num_microbatches):
         loss, report = _micro_batch(engine, iterators[0])

@@ -170,8 +170,6 @@ def train_step(ctx, state, iterators):
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
-    if ctx.callbacks:
-        ctx.callbacks.on_step_start(StepState(state.iteration + 1, ctx.model, ctx.optimizer, ctx.args))
     loss = _reduce_loss(_forward_backward(ctx, iterators, forward_only=False))
     skip = False
     if ctx.callbacks:
@@ -252,6 +250,8 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
 
     reason = "done"
     while not args.skip_train and state.iteration < args.train_iters:
+        if ctx.callbacks:  # one place for both engines' step_fn
+            ctx.callbacks.on_step_start(StepState(state.iteration + 1, ctx.model, ctx.optimizer, args))
         t0 = time.perf_counter()
         loss, grad_norm, skipped = step_fn(ctx, state, iterators)
         step_time = time.perf_counter() - t0
