@@ -3,7 +3,8 @@
 build_gpt_model = megatron-core's GPTModel, built from upstream's layer spec with three possible
 substitutions, each only when its option asks for it:
   - WeSaR linears for QKV / proj / fc1 / fc2 (config.wesar), via the spec's submodules;
-  - a sequence-parallel-capable torch norm when sequence_parallel is on and apex is absent;
+  - a sequence-parallel-capable torch norm where upstream's torch norm would refuse
+    sequence_parallel (no apex, or RMSNorm);
   - the [SNM] embedding stabilizer, attached to the embedding after build.
 With no option on, the spec and the model are exactly upstream's.
 """
@@ -11,35 +12,29 @@ With no option on, the spec and the model are exactly upstream's.
 import copy
 from typing import Optional
 
-import torch
-
+from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import LayerNormImpl as BlockNormImpl
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
 
+from . import capabilities
 from .config import StabilityConfig, StabilityConfigError
 from .embedding import attach_embedding_stabilizer
-from .norm import LNImpl, local_norm_class
+from .norm import local_norm_class, upstream_local_norm_class
 from .wesar import WeSaRColumnParallelLinear, WeSaRRowParallelLinear
-
-try:
-    from megatron.core.extensions.transformer_engine import TENorm
-
-    HAVE_TE = True
-except ImportError:
-    HAVE_TE = False
 
 
 def default_transformer_impl() -> str:
     """Transformer Engine's spec on a GPU machine that has it, else megatron-core's local spec."""
-    return "transformer_engine" if HAVE_TE and torch.cuda.is_available() else "local"
+    return capabilities.default_transformer_impl()
 
 
 def _gate(module_cls, target_std: float) -> ModuleSpec:
@@ -49,8 +44,9 @@ def _gate(module_cls, target_std: float) -> ModuleSpec:
 def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", vp_stage=None):
     """Layer (or block) spec for GPTModel honouring the stabilization options."""
     if transformer_impl == "transformer_engine":
-        if not HAVE_TE:
-            raise StabilityConfigError("transformer_impl='transformer_engine' needs Transformer Engine installed")
+        problem = capabilities.check_transformer_impl(transformer_impl)
+        if problem:
+            raise StabilityConfigError(problem)
         if config.wesar:
             raise StabilityConfigError("--wesar gates megatron-core's own linear layers: use --transformer-impl local")
         return get_gpt_layer_with_transformer_engine_spec(
@@ -60,13 +56,17 @@ def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", v
         raise StabilityConfigError(f"unknown transformer_impl {transformer_impl!r}; use 'local' or 'transformer_engine'")
 
     spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
-    norm = local_norm_class(config)
-    if not config.wesar and norm is LNImpl:
+    norm, upstream_norm = local_norm_class(config), upstream_local_norm_class(config)
+    # The block builds its final norm from its own module-level choice (TENorm where TE imports,
+    # else apex's FusedLayerNorm, else torch's), not from the layer spec; FusedLayerNorm cannot
+    # do RMSNorm, so there the block is given the layers' norm class.
+    final_norm_breaks = config.normalization == "RMSNorm" and BlockNormImpl is FusedLayerNorm
+    if not config.wesar and norm is upstream_norm and not final_norm_breaks:
         return spec  # exactly upstream
 
     spec = copy.deepcopy(spec)
     layer = spec.submodules
-    if norm is not LNImpl:
+    if norm is not upstream_norm:
         layer.input_layernorm = norm
         layer.pre_mlp_layernorm = norm
     if config.wesar:
@@ -76,11 +76,21 @@ def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", v
         attention.linear_proj = _gate(WeSaRRowParallelLinear, sigma_out)
         mlp.linear_fc1 = _gate(WeSaRColumnParallelLinear, sigma)
         mlp.linear_fc2 = _gate(WeSaRRowParallelLinear, sigma_out)
-    if norm is LNImpl:
+    if norm is upstream_norm and not final_norm_breaks:
         return spec
     # The block's final norm is chosen by the block, not the layer spec: name it explicitly.
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
+
+
+def embedding_norm_class(config: StabilityConfig, transformer_impl: str):
+    """Embed LN's norm: the class the layer spec uses for config.normalization (TENorm under TE,
+    which does LayerNorm and RMSNorm; the local spec's own choice otherwise)."""
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return local_norm_class(config)
 
 
 def build_gpt_model(
@@ -113,6 +123,5 @@ def build_gpt_model(
         **gpt_kwargs,
     )
     if pre_process and getattr(config, "embedding_fix", None):
-        norm = TENorm if transformer_impl == "transformer_engine" else local_norm_class(config)
-        attach_embedding_stabilizer(model.embedding, config, norm)
+        attach_embedding_stabilizer(model.embedding, config, embedding_norm_class(config, transformer_impl))
     return model

@@ -13,8 +13,9 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 # Upstream's own detection: LNImpl is apex's FusedLayerNorm (which supports sequence
-# parallelism) when apex is importable, else WrappedTorchNorm.
-from megatron.core.models.gpt.gpt_layer_specs import HAVE_APEX, LNImpl
+# parallelism, but only LayerNorm) when apex is importable, else WrappedTorchNorm.
+from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 
 class SequenceParallelTorchNorm:
@@ -42,8 +43,19 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+def upstream_local_norm_class(config: TransformerConfig):
+    """The norm class megatron-core's local spec puts in the layers for `config.normalization`
+    (models/backends.py, LocalSpecProvider.layer_norm): apex's FusedLayerNorm for LayerNorm where
+    apex is installed, torch's norm otherwise and always for RMSNorm (FusedLayerNorm asserts
+    LayerNorm). Decided here without calling LocalSpecProvider.layer_norm, which for RMSNorm
+    also rebinds its module's LNImpl to WrappedTorchNorm for the rest of the process."""
+    return WrappedTorchNorm if config.normalization == "RMSNorm" else LNImpl
+
+
 def local_norm_class(config: TransformerConfig):
-    """The norm class for the local (non-TE) spec: upstream's own unless it cannot do the job."""
-    if config.sequence_parallel and not HAVE_APEX:
+    """The norm class for the local (non-TE) spec: upstream's own unless it cannot do the job
+    (torch's norm refuses sequence_parallel)."""
+    norm = upstream_local_norm_class(config)
+    if config.sequence_parallel and norm is WrappedTorchNorm:
         return SequenceParallelTorchNorm
-    return LNImpl
+    return norm

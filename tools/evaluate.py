@@ -147,7 +147,7 @@ def evaluate(args) -> dict:
     data = read_data(args, common, seq)  # before the weights: bad data fails fast
     result = dict(task=args.task, checkpoint=path, iteration=common["iteration"],
                   data=args.data_path or args.input, seq_length=seq)
-    with megatron_io.loaded_checkpoint(args.load, args.ckpt_step, on_cpu=device.type == "cpu") as (model, _, _):
+    with megatron_io.loaded_checkpoint(args.load, args.ckpt_step) as (model, _, _):
         model.to(device)
 
         def logits_fn(tokens):

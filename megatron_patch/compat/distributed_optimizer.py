@@ -1,4 +1,13 @@
-"""Checkpoint fixes for megatron-core 0.16.1's DistributedOptimizer over torch's Adam/AdamW.
+"""Checkpoint fixes for megatron-core 0.16.1's optimizers, mostly its DistributedOptimizer over
+torch's Adam/AdamW.
+
+0. Any optimizer that has not stepped yet has no state, so its checkpoint lacks the moments a
+   resumed run asks for, and that load fails. It happens whenever every step so far was skipped,
+   e.g. by the fp16 loss scaler, whose initial 2^32 overflows for the first ~20 steps.
+   -> `prime_state()` also covers this case (below). But megatron-core's regular optimizers
+   save the shared step only `if step:`, so a primed step of 0 is dropped, and torch's Adam then
+   refuses the state on load (KeyError 'step'). -> `load_state_dict()` restores a step of 0
+   where the saved state has moments and no step.
 
 Without apex or Transformer Engine (always on CPU, possibly on GPU) megatron-core runs the
 distributed optimizer on `torch.optim.AdamW`, whose per-parameter state holds a `step` tensor.
@@ -29,8 +38,9 @@ import contextlib
 import torch
 
 
-def _distributed_torch_adams(optimizer, state_dict=None):
-    """(torch Adam/AdamW inside a DistributedOptimizer, its part of `state_dict`) pairs."""
+def _torch_adams(optimizer, state_dict=None, distributed=True):
+    """(megatron optimizer over torch Adam/AdamW, its part of `state_dict`) pairs: the
+    DistributedOptimizers (distributed=True) or the others."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
@@ -40,24 +50,47 @@ def _distributed_torch_adams(optimizer, state_dict=None):
         parts = [v for _, v in sorted(state_dict.items())]
     else:
         parts = list(state_dict)
-    return [(opt.optimizer, part) for opt, part in zip(chained, parts)
-            if isinstance(opt, DistributedOptimizer)
-            and isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
+    return [(opt, part) for opt, part in zip(chained, parts)
+            if isinstance(opt, DistributedOptimizer) == distributed
+            and isinstance(getattr(opt, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _distributed_torch_adams(optimizer, state_dict=None):
+    """(torch Adam/AdamW inside a DistributedOptimizer, its part of `state_dict`) pairs."""
+    return [(opt.optimizer, part) for opt, part in _torch_adams(optimizer, state_dict)]
+
+
+def _restore_zero_step(optimizer, state_dict) -> None:
+    """Fault 0: a regular optimizer's saved state with moments but no shared step had step 0."""
+    for _, part in _torch_adams(optimizer, state_dict, distributed=False):
+        state = (part or {}).get("optimizer", {}).get("state")
+        if state and "common_step" not in state and not any("step" in s for s in state.values()):
+            state["common_step"] = torch.tensor(0.0, dtype=torch.float32)
 
 
 def prime_state(optimizer) -> None:
-    """Allocate missing Adam state as torch would on the first step (no effect on the math)."""
-    for adam, _ in _distributed_torch_adams(optimizer):
-        for group in adam.param_groups:
-            for p in group["params"]:
-                if adam.state.get(p):
-                    continue
-                zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
-                state = {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": zeros(),
-                         "exp_avg_sq": zeros()}
-                if group.get("amsgrad"):
-                    state["max_exp_avg_sq"] = zeros()
-                adam.state[p] = state
+    """Allocate missing optimizer state as the first step would (no effect on the math): torch's
+    Adam/AdamW as torch does it (step 0, zero moments), other optimizers with megatron-core's own
+    `init_state_fn` (zero moments; fused Adams keep the step in their param groups)."""
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            _prime_torch_adam(inner)
+        elif inner is not None and getattr(opt, "init_state_fn", None) is not None:
+            opt.init_state_fn(inner, opt.config)
+
+
+def _prime_torch_adam(adam) -> None:
+    for group in adam.param_groups:
+        for p in group["params"]:
+            if adam.state.get(p):
+                continue
+            zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+            state = {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": zeros(),
+                     "exp_avg_sq": zeros()}
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = zeros()
+            adam.state[p] = state
 
 
 def _saved_step(part):
@@ -99,7 +132,8 @@ def _step_tolerant_state_setter(optimizer):
 
 
 def load_state_dict(optimizer, state_dict) -> None:
-    """`optimizer.load_state_dict(state_dict)` with faults 1b, 2 and 3 fixed (any megatron-core optimizer)."""
+    """`optimizer.load_state_dict(state_dict)` with faults 0, 1b, 2 and 3 fixed (any megatron-core optimizer)."""
+    _restore_zero_step(optimizer, state_dict)
     steps = [(adam, _saved_step(part)) for adam, part in _distributed_torch_adams(optimizer, state_dict)]
     with torch.no_grad(), _step_tolerant_state_setter(optimizer):
         optimizer.load_state_dict(state_dict)

@@ -31,7 +31,7 @@ def export_to_hf(load_dir: str, out_dir: str, step=None) -> dict:
     args = megatron_io.args_from_saved(common["args"])
     from megatron_patch.training.model_builder import transformer_config_from_args
 
-    check_exportable(transformer_config_from_args(args, on_cpu=True), args)  # before any tensor is read
+    check_exportable(transformer_config_from_args(args), args)  # before any tensor is read
     with megatron_io.loaded_checkpoint(load_dir, step) as (model, args, common):
         config = model.config
         state, tied = megatron_to_hf_state(model, config)

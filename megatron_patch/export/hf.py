@@ -31,7 +31,7 @@ def unsupported_options(config, args) -> list:
     checks = [
         ("--normalization RMSNorm (GPT-2 uses LayerNorm)", config.normalization != "LayerNorm"),
         ("--swiglu (GPT-2's MLP is fc1 -> GELU -> fc2)", config.gated_linear_unit),
-        ("an activation other than exact GELU", config.activation_func is not F.gelu),
+        ("an activation other than GELU", config.activation_func is not F.gelu),
         (f"--position-embedding-type {args.position_embedding_type} (GPT-2 has learned absolute positions)",
          args.position_embedding_type != "learned_absolute"),
         ("--group-query-attention (GPT-2 has one K/V head per query head)",
@@ -59,7 +59,8 @@ def gpt2_config(config, args, common, tied: bool, extra=None):
     hf = GPT2Config(
         vocab_size=common["padded_vocab_size"], n_positions=args.max_position_embeddings,
         n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_attention_heads,
-        n_inner=config.ffn_hidden_size, activation_function="gelu",  # exact erf GELU, as F.gelu
+        # The GELU training computed: megatron's fused bias-GELU (GPU runs) is the tanh form.
+        n_inner=config.ffn_hidden_size, activation_function=hf_activation(common),
         resid_pdrop=config.hidden_dropout, embd_pdrop=config.hidden_dropout,
         attn_pdrop=config.attention_dropout, layer_norm_epsilon=config.layernorm_epsilon,
         tie_word_embeddings=tied, bos_token_id=eod, eos_token_id=eod,
@@ -68,6 +69,12 @@ def gpt2_config(config, args, common, tied: bool, extra=None):
     hf.megatron_patch = dict(vocab_size=int(common["vocab_size"]), iteration=int(common.get("iteration", 0)),
                              args=dict(common["args"]), **(extra or {}))
     return hf
+
+
+def hf_activation(common) -> str:
+    """transformers' name for the checkpoint's GELU: exact erf 'gelu', or tanh 'gelu_new'
+    (checkpoints from before the activation was recorded trained on CPU: exact)."""
+    return "gelu_new" if common.get("activation") == "gelu_tanh" else "gelu"
 
 
 def _qkv_megatron_to_hf(weight, heads):

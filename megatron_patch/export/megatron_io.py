@@ -5,11 +5,12 @@ offsets of the layout that wrote it, so a single process asks for the whole tens
 """
 
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
 
-from megatron_patch.training import checkpointing
+from megatron_patch.training import checkpoint_keys, checkpointing
 from megatron_patch.training.errors import SetupError
 
 # Layout-specific flags replaced by one process holding the whole model.
@@ -19,7 +20,7 @@ _SINGLE_PROCESS = dict(
     world_size=1, data_parallel_size=1, distributed_backend="gloo", use_distributed_optimizer=False,
     overlap_grad_reduce=False, overlap_param_gather=False, data_parallel_random_init=False,
     transformer_impl="local", load=None, save=None, recompute_granularity=None, recompute_method=None,
-    recompute_num_layers=None, recompute_activations=False,
+    recompute_num_layers=None, recompute_activations=False, no_gradient_accumulation_fusion=True,
 )
 
 
@@ -47,15 +48,16 @@ def stop():
     initialize.teardown()
 
 
-def build_model(args, padded_vocab_size: int, on_cpu: bool = True):
-    """The GPTModel these flags describe, whole (TP=1, PP=1), fp32 unless the flags say otherwise,
-    initialised on CPU. `on_cpu=False` gives it the kernels the trainer uses on a GPU (there the
-    fused bias-GELU is the tanh approximation), so it computes what training computed there."""
+def build_model(args, padded_vocab_size: int, activation=None):
+    """The GPTModel these flags describe, whole (TP=1, PP=1), with megatron-core's local layers,
+    fp32 unless the flags say otherwise, initialised on CPU. `activation` (a checkpoint's
+    "activation", see model_builder.activation_name) makes it compute the GELU training computed
+    (the fused bias-GELU of GPU runs is the tanh approximation) on any device."""
     from megatron_patch.model import build_gpt_model
     from megatron_patch.training.model_builder import transformer_config_from_args
 
     config = transformer_config_from_args(SimpleNamespace(**{**vars(args), "use_cpu_initialization": True}),
-                                          on_cpu=on_cpu)
+                                          activation=activation)
     return build_gpt_model(
         config, padded_vocab_size, args.max_position_embeddings,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -73,11 +75,10 @@ def read_common(load_dir: str, step=None):
         path, "only megatron-core (torch_dist) checkpoints are read here")
 
 
-def load_model(load_dir: str, step=None, on_cpu: bool = True):
-    """(fp32 GPTModel at TP=1/PP=1 on CPU with the checkpoint's weights, its args, common state);
-    `on_cpu` as in `build_model`. Call between `start_single_process` and `stop` (see
-    `loaded_checkpoint`)."""
-    from megatron.core import dist_checkpointing
+def load_model(load_dir: str, step=None):
+    """(fp32 GPTModel at TP=1/PP=1 on CPU with the checkpoint's weights, its args, common state).
+    Checkpoints of Transformer Engine layers load too (see training/checkpoint_keys.py).
+    Call between `start_single_process` and `stop` (see `loaded_checkpoint`)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     path, common = read_common(load_dir, step)
@@ -85,29 +86,30 @@ def load_model(load_dir: str, step=None, on_cpu: bool = True):
     # fp32 config as well as weights: a bf16 config would cast attention probabilities of fp32
     # inputs back to bf16 (megatron-core's FusedScaleMaskSoftmax with softmax in fp32).
     fp32 = SimpleNamespace(**{**vars(args), "fp16": False, "bf16": False})
-    model = build_model(fp32, common["padded_vocab_size"], on_cpu)
+    model = build_model(fp32, common["padded_vocab_size"], common.get("activation"))
     try:
-        loaded = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)
-        model.load_state_dict(loaded["model0"], strict=True)
+        loaded, notes = checkpoint_keys.load_sharded({"model0": model.sharded_state_dict()}, path)
+        notes += checkpoint_keys.load_module_state(model, loaded["model0"])
+    except SetupError:
+        raise
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
-        impl = common["args"].get("transformer_impl")
-        hint = (" (it was saved with Transformer Engine layers; export reads megatron-core's local layers)"
-                if impl == "transformer_engine" else "")
-        raise SetupError(f"cannot load {path}{hint}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+        raise SetupError(f"cannot load {path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+    if notes:
+        print(checkpoint_keys.notice(path, notes), file=sys.stderr, flush=True)
     return model.float().eval(), args, common
 
 
 class loaded_checkpoint:
     """`with loaded_checkpoint(dir) as (model, args, common):` — process group set up and torn down."""
 
-    def __init__(self, load_dir, step=None, on_cpu=True):
-        self.load_dir, self.step, self.on_cpu = load_dir, step, on_cpu
+    def __init__(self, load_dir, step=None):
+        self.load_dir, self.step = load_dir, step
 
     def __enter__(self):
         _, common = read_common(self.load_dir, self.step)
         start_single_process(args_from_saved(common["args"]))
         try:
-            return load_model(self.load_dir, self.step, self.on_cpu)
+            return load_model(self.load_dir, self.step)
         except BaseException:
             stop()
             raise

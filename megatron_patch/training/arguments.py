@@ -7,7 +7,7 @@ no process group, model or data read, so a bad flag fails in a second with one l
 
 import argparse
 
-import torch
+from megatron_patch import capabilities
 
 from . import checkpointing, data, initialize, logging, loop, model_builder, optimizer
 from .errors import SetupError
@@ -39,7 +39,7 @@ def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     logging.add_logging_args(parser)
     add_stability_args(parser)
     add_monitor_args(parser)
-    add_deepspeed_args(parser)  # issue 8: --deepspeed (megatron_patch/deepspeed)
+    add_deepspeed_args(parser)  # --deepspeed (megatron_patch/deepspeed)
     add_dry_run_args(parser)
     return parser
 
@@ -60,7 +60,7 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
 
     world_size = initialize.world_size_from_env() if world_size is None else world_size
     args.world_size = world_size
-    on_cuda = torch.cuda.is_available()
+    on_cuda = capabilities.current().cuda
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(args, flag) is None:
             raise SetupError(f"--{flag.replace('_', '-')} is required")
@@ -78,7 +78,7 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     except StabilityConfigError as exc:
         raise SetupError(str(exc)) from None
     # Building the config runs megatron-core's own consistency checks (cheap: no tensors).
-    args.transformer_config = model_builder.transformer_config_from_args(args, on_cpu=not on_cuda)
+    args.transformer_config = model_builder.transformer_config_from_args(args)
     return args
 
 

@@ -7,8 +7,10 @@ only when every rank has finished does rank 0 rename it and then replace the tra
 tracker pointing at it; a stale *.tmp is ignored and removed by the next save.
 
 Contents: model chunks ("model0", ...), optimizer (parameter state sharded by model tensor, so it
-reshards), LR scheduler, RNG states (per TP/PP rank), iteration, consumed train/valid samples, and
-the layout/vocabulary it was made with (checked on load).
+reshards), LR scheduler, RNG states (per TP/PP rank, with the device type they came from),
+iteration, consumed train/valid samples, the layout/vocabulary it was made with (checked on
+load) and the MLP activation computed (exact or tanh GELU, for evaluation and export).
+Checkpoints of Transformer Engine and of local layers load into each other (checkpoint_keys.py).
 """
 
 import os
@@ -19,7 +21,9 @@ import signal
 import numpy as np
 import torch
 
+from . import checkpoint_keys
 from .errors import SetupError
+from .model_builder import activation_name, unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -47,6 +51,12 @@ def add_checkpointing_args(parser):
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="Distributed optimizer: save its state resharable across TP/PP too "
                         "(gathered on DP rank 0); default dp_reshardable (DP changes only).")
+    g.add_argument("--no-ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_false",
+                   help="Write each replicated tensor from one rank only, instead of spreading the "
+                        "writes over the data-parallel ranks (Megatron-LM's default: spread).")
+    g.add_argument("--ckpt-fully-parallel-load", action="store_true",
+                   help="Read each tensor once, spread over the data-parallel ranks, and exchange "
+                        "the pieces (less storage traffic on large DP).")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM (e.g. Slurm preemption): save a checkpoint and exit cleanly.")
     return parser
@@ -81,23 +91,40 @@ def _layout():
             "dp": ps.get_data_parallel_world_size()}
 
 
+def _rng_device() -> str:
+    """Where the device RNG states (torch.cuda's, megatron's tracker) live in this process."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _rng_state():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
+            "tracker": get_cuda_rng_tracker().get_states(), "device": _rng_device()}
 
 
-def _set_rng_state(state):
+def _set_rng_state(state, seed: int, data_parallel_random_init: bool):
+    """Restore the RNG states. The host streams (python, numpy, torch's CPU generator) always;
+    the device streams (torch.cuda's and megatron's tracker, which forks dropout per TP rank)
+    only when saved on this device type: a CPU generator state is no CUDA one, nor the reverse.
+    Then the tracker is reseeded from the run's seed as at start-up, with a notice."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    saved_device = state.get("device") or ("cpu" if state["cuda"] is None else "cuda")
+    if saved_device != _rng_device():
+        from .initialize import seed_device_rng
+
+        seed_device_rng(seed, data_parallel_random_init)
+        return (f"RNG states were saved on {saved_device}, this run is on {_rng_device()}: device RNG "
+                f"(dropout) reseeded from --seed {seed}; host RNG restored")
+    if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+    return None
 
 
 def _sharded_rng(per_dp_rank):
@@ -119,11 +146,9 @@ def _sharded_rng(per_dp_rank):
 def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading, metadata):
     from megatron_patch.compat import distributed_optimizer as dopt_fix
 
-    from .model_builder import unwrap
-
     sd = {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(ctx.model)}
     if with_optimizer:
-        dopt_fix.prime_state(ctx.optimizer)  # upstream's dist-opt state_dict needs a 'step'
+        dopt_fix.prime_state(ctx.optimizer)  # an unstepped optimizer has no state to save or load
         sd["optimizer"] = ctx.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
         sd["opt_param_scheduler"] = ctx.scheduler.state_dict()
     if with_rng:
@@ -154,13 +179,44 @@ def save_checkpoint(ctx, state) -> str:
         consumed_train_samples=state.consumed_train_samples,
         consumed_valid_samples=state.consumed_valid_samples,
         layout=_layout(), vocab_size=ctx.vocab_size, padded_vocab_size=ctx.padded_vocab_size,
+        activation=activation_name(_config_of(ctx)),
         use_distributed_optimizer=args.use_distributed_optimizer,
         has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
-    dist_checkpointing.save(sd, tmp, content_metadata=metadata)
+    dist_checkpointing.save(sd, tmp, sharded_strategy=_save_strategy(args), content_metadata=metadata)
     publish(args.save, state.iteration)
     return final
+
+
+def _config_of(ctx):
+    return getattr(ctx, "config", None) or unwrap(ctx.model[0]).config
+
+
+def _save_strategy(args):
+    """torch_dist writer; with DP > 1 wrapped so that the DP replicas share the writing of
+    replicated tensors (Megatron-LM's default, --no-ckpt-fully-parallel-save turns it off)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if getattr(args, "ckpt_fully_parallel_save", False) and ps.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+    return strategy
+
+
+def _load_strategy(args, path):
+    """torch_dist reader; with --ckpt-fully-parallel-load each DP replica reads a part and the
+    ranks exchange them."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = get_default_load_sharded_strategy(path)
+    if getattr(args, "ckpt_fully_parallel_load", False) and ps.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+    return strategy
 
 
 def begin_save(root, iteration):
@@ -302,18 +358,24 @@ def load_checkpoint(ctx, state, header) -> bool:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
-        loaded = dist_checkpointing.load(sd, path)
+        loaded, notes = checkpoint_keys.load_sharded(sd, path, _load_strategy(args, path))
         for i, chunk in enumerate(ctx.model):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+            notes += checkpoint_keys.load_module_state(unwrap(chunk), loaded[f"model{i}"])
         if load_optim:
             dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"])
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    except SetupError:
+        raise
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    if _rank0() and notes:
+        print(checkpoint_keys.notice(path, notes), flush=True)
     if load_rng:
-        _set_rng_state(loaded["rng_state"])
+        rng_notice = _set_rng_state(loaded["rng_state"], args.seed, args.data_parallel_random_init)
+        if rng_notice and _rank0():
+            print(f" > {rng_notice}", flush=True)
     if not args.finetune:
         state.iteration = common["iteration"]
         state.consumed_train_samples = common["consumed_train_samples"]

@@ -16,13 +16,11 @@ The plan is for GPUs: flags are validated as on a CUDA machine (so --fp16/--bf16
 login node).
 """
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from unittest import mock
 
-import torch
+from megatron_patch import capabilities
 
 from .errors import SetupError
 
@@ -122,13 +120,7 @@ def _quadratic_attention_stored(args) -> bool:
         return False
     if args.transformer_impl == "local" or args.attention_backend in ("unfused", "local"):
         return True
-    return args.transformer_impl is None and not _te_installed()
-
-
-def _te_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
+    return args.transformer_impl is None and not capabilities.current().transformer_engine
 
 
 def layer_activation_bytes(args, cfg) -> float:
@@ -297,14 +289,9 @@ def choose_layout(argv, world_size: int, gpus_per_node: int, max_micro_batch: in
 
 
 # ---------------------------------------------------------------- command line
-@contextlib.contextmanager
 def _as_on_cuda():
-    """Validate flags as the GPU cluster will (fp16/bf16 and the fused kernels allowed)."""
-    if torch.cuda.is_available():
-        yield
-    else:
-        with mock.patch.object(torch.cuda, "is_available", return_value=True):
-            yield
+    """Validate flags as the GPU cluster will: this machine's packages, on a CUDA device."""
+    return capabilities.use(capabilities.as_on_cuda())
 
 
 def build_parser():

@@ -100,11 +100,16 @@ def initialize_distributed(args) -> Runtime:
     """Start torch.distributed (once per process) and megatron-core's parallel_state."""
     from megatron.core import parallel_state
 
+    from megatron_patch import capabilities
+
     use_cuda = torch.cuda.is_available()
     backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
         raise SetupError("--distributed-backend nccl needs CUDA; drop it to use gloo on CPU")
+    notices = []
     if use_cuda:
+        # Before torch.cuda.set_device, which creates the CUDA context that reads it.
+        notices.append(capabilities.set_device_max_connections(args))
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -140,21 +145,37 @@ def initialize_distributed(args) -> Runtime:
         distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     set_random_seed(args.seed, args.data_parallel_random_init)
+    if rank == 0:
+        for notice in notices + list(getattr(args, "precision_notes", [])):
+            if notice:
+                print(f" > {notice}", flush=True)
     return Runtime(device=device, backend=backend, rank=rank, world_size=world_size)
 
 
-def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
-    """Megatron-LM's seeding: offset per pipeline stage (and DP rank if asked), TP via tracker."""
+def _offset_seed(seed: int, data_parallel_random_init: bool) -> int:
+    """Megatron-LM's per-rank seed: offset per pipeline stage (and DP rank if asked)."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     if data_parallel_random_init:
         seed += 10 * parallel_state.get_data_parallel_rank()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    return seed
+
+
+def set_random_seed(seed: int, data_parallel_random_init: bool = False) -> None:
+    """Megatron-LM's seeding: python, numpy, torch and the device streams (TP via the tracker)."""
+    offset = _offset_seed(seed, data_parallel_random_init)
+    random.seed(offset)
+    np.random.seed(offset)
+    torch.manual_seed(offset)
+    seed_device_rng(seed, data_parallel_random_init)
+
+
+def seed_device_rng(seed: int, data_parallel_random_init: bool = False) -> None:
+    """The device streams alone: torch.cuda's and megatron's RNG tracker (dropout per TP rank)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(_offset_seed(seed, data_parallel_random_init))
 
 
 def init_single_process(seed: int = 1234) -> None:

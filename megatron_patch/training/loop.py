@@ -261,7 +261,7 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
         loss_scale = float(ctx.optimizer.get_loss_scale())
         grad_norm = None if grad_norm is None else float(grad_norm)
         ctx.history.append({"iteration": state.iteration, "loss": loss, "grad_norm": grad_norm,
-                            "lr": lr, "skipped": skipped})
+                            "lr": lr, "loss_scale": loss_scale, "skipped": skipped})
         log.log_iteration(state.iteration, state.consumed_train_samples, loss, lr, loss_scale,
                           grad_norm, skipped, step_time)
         step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args, loss=loss,

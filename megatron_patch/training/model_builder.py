@@ -1,7 +1,5 @@
 """Model flags (Megatron-LM names) -> StabilityConfig -> GPTModel chunks wrapped in megatron-core DDP."""
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +83,10 @@ def validate_model_args(args) -> None:
     if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
         raise SetupError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
+    if args.transformer_impl is None:  # resolved now, so checkpoints record what was built
+        from megatron_patch import capabilities
+
+        args.transformer_impl = capabilities.default_transformer_impl()
     if args.recompute_activations:
         args.recompute_granularity = "selective"
     if args.recompute_granularity == "full" and args.recompute_method is None:
@@ -97,30 +99,31 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _available_fusions(args, on_cpu: bool) -> dict:
-    """Megatron-LM's fusions (on by default there) where this machine can run them: never on
-    CPU; on GPU only with the kernels they need (the megatron-core wheel ships none of them)."""
-    from megatron.core.models.gpt.gpt_layer_specs import HAVE_APEX
-
-    gpu = not on_cpu
-    return dict(
-        masked_softmax_fusion=gpu and not args.no_masked_softmax_fusion
-        and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
-        bias_activation_fusion=gpu and (args.swiglu or not args.disable_bias_linear)
-        and not (args.no_bias_swiglu_fusion if args.swiglu else args.no_bias_gelu_fusion),
-        bias_dropout_fusion=gpu and not args.no_bias_dropout_fusion,
-        persist_layer_norm=gpu and HAVE_APEX and not args.no_persist_layer_norm,
-    )
+def activation_name(config) -> str:
+    """The MLP activation this config computes: megatron's fused bias-GELU (on where the GPU
+    kernels are) is the tanh approximation, unfused F.gelu the exact erf GELU. Saved in
+    checkpoints, so evaluation and export compute what training computed on any device."""
+    if config.activation_func is F.gelu:
+        return "gelu_tanh" if config.bias_activation_fusion else "gelu"
+    return "silu" if config.activation_func is F.silu else getattr(config.activation_func, "__name__", "custom")
 
 
-def transformer_config_from_args(args, on_cpu: bool):
-    """StabilityConfig (TransformerConfig + the stabilization fields) for these flags."""
+def transformer_config_from_args(args, caps=None, activation=None):
+    """StabilityConfig (TransformerConfig + the stabilization fields) for these flags, with the
+    kernels `caps` (default: this machine's, see megatron_patch.capabilities) can run.
+    `activation` (activation_name of a checkpoint) forces the GELU a saved run computed."""
     from megatron.core.transformer.enums import AttnBackend
 
+    from megatron_patch import capabilities
     from megatron_patch.config import StabilityConfig, StabilityConfigError, stability_kwargs
 
+    caps = caps or capabilities.current()
+    on_cpu = not caps.cuda
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-    fusions = _available_fusions(args, on_cpu)
+    fusions = capabilities.kernel_fusions(args, caps)
+    if activation in ("gelu", "gelu_tanh"):
+        fusions["bias_activation_fusion"] = activation == "gelu_tanh"
+    impl = args.transformer_impl or capabilities.default_transformer_impl(caps)
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -154,6 +157,7 @@ def transformer_config_from_args(args, on_cpu: bool):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=on_cpu or args.use_cpu_initialization,
+        gradient_accumulation_fusion=capabilities.gradient_accumulation_fusion(args, impl, caps),
         deallocate_pipeline_outputs=True,
         # gloo matches p2p messages in posting order; batched p2p then swaps activations and
         # gradients under interleaved PP (facts §2.6). Unbatched is correct everywhere.

@@ -40,9 +40,18 @@ def add_optimizer_args(parser):
                    dest="use_checkpoint_opt_param_scheduler", action="store_true",
                    help="Take the schedule from the checkpoint.")
 
-    g = parser.add_argument_group("mixed precision", "fp16/bf16 need CUDA; CPU trains in fp32.")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--bf16", action="store_true")
+    g = parser.add_argument_group(
+        "mixed precision", "fp16/bf16 through megatron-core's Float16Module, fp32 main params and "
+        "grad scaler; on CPU too (slow: it is there to run the GPU's code path).")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 with dynamic loss scaling (unless --loss-scale); the NaN/Inf gradient "
+                        "check is then off, as in Megatron-LM: an overflow is the scaler's signal.")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16; gradients are accumulated and all-reduced in fp32 (Megatron-LM's rule) "
+                        "unless --grad-reduce-in-bf16.")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="With --bf16: accumulate and all-reduce gradients in bf16 (halves the "
+                        "gradient traffic, loses precision).")
     g.add_argument("--loss-scale", type=float, default=None,
                    help="Static loss scale (fp16); default: dynamic loss scaling.")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
@@ -55,10 +64,7 @@ def add_optimizer_args(parser):
 def validate_optimizer_args(args, on_cuda: bool) -> None:
     if args.lr is None:
         raise SetupError("--lr is required")
-    if args.fp16 and args.bf16:
-        raise SetupError("--fp16 and --bf16 are exclusive")
-    if (args.fp16 or args.bf16) and not on_cuda:
-        raise SetupError("--fp16/--bf16 need CUDA; on CPU drop the flag to train in fp32")
+    validate_precision_args(args, on_cuda)
     if args.min_lr > args.lr:
         raise SetupError(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     if args.start_weight_decay is None:
@@ -81,6 +87,33 @@ def validate_optimizer_args(args, on_cuda: bool) -> None:
                          f"length {args.lr_decay_iters} (--lr-decay-iters, default --train-iters)")
     if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
         raise SetupError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+
+
+def validate_precision_args(args, on_cuda: bool) -> None:
+    """Megatron-LM's precision rules (megatron/training/arguments.py): under fp16 with dynamic loss
+    scaling an Inf/NaN gradient is the scaler's normal signal (it skips the step and lowers the
+    scale), so the gradient NaN check, which would stop the run, is turned off; bf16 accumulates
+    and all-reduces gradients in fp32 unless --grad-reduce-in-bf16 asks otherwise."""
+    if args.fp16 and args.bf16:
+        raise SetupError("--fp16 and --bf16 are exclusive")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        raise SetupError("--grad-reduce-in-bf16 needs --bf16")
+    if args.grad_reduce_in_bf16 and args.accumulate_allreduce_grads_in_fp32:
+        raise SetupError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 are exclusive")
+    if args.loss_scale is not None and (args.loss_scale <= 0 or not args.fp16):
+        raise SetupError("--loss-scale (a static loss scale) must be > 0 and needs --fp16")
+    notes = []
+    if args.fp16 and not args.loss_scale and args.check_for_nan_in_loss_and_grad:
+        args.check_for_nan_in_loss_and_grad = False
+        notes.append("fp16 with dynamic loss scaling: gradient NaN/Inf check off (overflowed steps are "
+                     "skipped by the loss scaler and counted)")
+    if args.bf16 and not args.grad_reduce_in_bf16 and not args.accumulate_allreduce_grads_in_fp32 \
+            and not getattr(args, "deepspeed", False):  # DeepSpeed: data_types.grad_accum_dtype
+        args.accumulate_allreduce_grads_in_fp32 = True
+        notes.append("bf16: gradients accumulated and all-reduced in fp32")
+    if (args.fp16 or args.bf16) and not on_cuda:
+        notes.append(f"{'fp16' if args.fp16 else 'bf16'} on CPU runs the GPU's mixed-precision code, slowly")
+    args.precision_notes = notes
 
 
 def optimizer_config_from_args(args):

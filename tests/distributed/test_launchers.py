@@ -17,7 +17,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["examples/torchrun_pretrain.sh", "examples/paper/pretrain.sh", "examples/slurm/pretrain.sbatch",
            "tests/slurm/start.sh", "tests/slurm/install.sh", "docker/build_check.sh", "docker/install.sh",
-           "examples/quickstart.sh", "tools/setup_env.sh", "tests/run.sh", ".ci/run"]
+           "examples/quickstart.sh", "tools/setup_env.sh", "tests/run.sh", ".ci/run", "tests/gpu/run.sh"]
 TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
         "--lr 1e-3 --mock-data --vocab-size 100 --log-interval 1 --eval-iters 0").split()
 

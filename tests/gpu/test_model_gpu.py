@@ -41,9 +41,10 @@ def _batch(vocab=256, seq=32):
                                      dict(embed_detach_alpha=0.1), dict(wesar=True)])
 def test_options_run_on_gpu(mcore_cuda, impl, options):
     from megatron_patch.config import StabilityConfig, StabilityConfigError
-    from megatron_patch.model import HAVE_TE, build_gpt_model
+    from megatron_patch import capabilities
+    from megatron_patch.model import build_gpt_model
 
-    if impl == "transformer_engine" and not HAVE_TE:
+    if impl == "transformer_engine" and not capabilities.detect().transformer_engine:
         pytest.skip("Transformer Engine is not installed")
     cfg = StabilityConfig(**SHAPE, **options)
     if impl == "transformer_engine" and options.get("wesar"):

@@ -126,7 +126,7 @@ def test_unsupported_architectures_are_named(flags, named):
     args.virtual_pipeline_model_parallel_size = None
     validate_model_args(args)
     with pytest.raises(ExportError, match=named.replace("-", r"\-")):
-        check_exportable(transformer_config_from_args(args, on_cpu=True), args)
+        check_exportable(transformer_config_from_args(args), args)
 
 
 def test_reshard_tp1_to_tp2_then_export(exported, tmp_path):
@@ -152,3 +152,26 @@ def test_reshard_tp1_to_tp2_then_export(exported, tmp_path):
     export_to_hf(str(tmp_path / "tp2"), str(tmp_path / "hf"))
     first, second = hf_model(exported["vanilla"]["hf"]).state_dict(), hf_model(tmp_path / "hf").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_fused_gelu_checkpoint_exports_as_tanh_gelu(tmp_path):
+    """GPU runs compute megatron's fused bias-GELU, the tanh approximation; the checkpoint records
+    it, and evaluation and export compute that GELU on any device."""
+    ckpt = train_checkpoint(tmp_path / "ckpt")
+    with megatron_io.loaded_checkpoint(str(ckpt)) as (model, args, common):
+        assert common["activation"] == "gelu"  # trained on CPU: exact erf GELU
+        with torch.no_grad():  # FFN inputs of order 1, where the two GELUs differ by ~1e-3
+            for layer in model.decoder.layers:
+                layer.mlp.linear_fc1.weight.mul_(30.0)
+        exact = megatron_io.megatron_logits(model, tokens())
+        fused = megatron_io.build_model(args, common["padded_vocab_size"], activation="gelu_tanh")
+        fused.load_state_dict(model.state_dict())  # as a GPU run with the fused kernel saves it
+        megatron_io.save_model_checkpoint(fused, args, str(tmp_path / "gpu"), common["vocab_size"],
+                                          common["padded_vocab_size"])
+    _, logits, common = megatron_state_and_logits(tmp_path / "gpu")
+    assert common["activation"] == "gelu_tanh"
+    with pytest.raises(AssertionError):  # the two GELUs differ by more than the export's tolerance
+        torch.testing.assert_close(logits, exact, rtol=1e-5, atol=1e-5)
+    export_to_hf(str(tmp_path / "gpu"), str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "gelu_new"
+    torch.testing.assert_close(hf_logits(tmp_path / "hf"), logits, rtol=1e-5, atol=1e-5)

@@ -99,12 +99,3 @@ def test_blended_data_path_weights(tmp_path):
     a, b = make_corpus(tmp_path / "a", 30), make_corpus(tmp_path / "b", 30, seed=1)
     args = validate(tiny_args("--train-iters", 5, "--data-path", 0.3, a, 0.7, b, data=a))
     assert args.data_blend == ([a, b], [0.3, 0.7])
-
-
-def test_fp16_needs_cuda_here():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    with pytest.raises(SetupError, match="need CUDA"):
-        validate(tiny_args("--train-iters", 5, "--bf16", mock=True))
