@@ -98,3 +98,19 @@ def make_corpus_sample(vocab=200, length=33):
         out.append(t)
         t = (3 * t + 7) % vocab
     return out
+
+
+@pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
+def test_deepspeed_mixed_precision_matches_the_megatron_engine(corpus, precision):
+    """DeepSpeed's own loss scaler / bf16 path, fed the same flags, follows the same curve."""
+    pytest.importorskip("deepspeed")
+    from tests.train_helpers import ROOT
+
+    argv = ["--train-iters", 24, precision]
+    megatron = run_inprocess(tiny_args(*argv, data=corpus)).history
+    zero1 = run_inprocess(tiny_args(*argv, "--deepspeed", "--deepspeed-config",
+                                    ROOT / "examples/deepspeed/zero1.json", data=corpus)).history
+    assert [h["skipped"] for h in zero1] == [h["skipped"] for h in megatron]
+    assert [h["loss_scale"] for h in zero1] == [h["loss_scale"] for h in megatron]
+    deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(zero1, megatron)]
+    assert max(deltas) < 1e-3, deltas
