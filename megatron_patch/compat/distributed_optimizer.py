@@ -63,7 +63,8 @@ def _distributed_torch_adams(optimizer, state_dict=None):
 def _restore_zero_step(optimizer, state_dict) -> None:
     """Fault 0: a regular optimizer's saved state with moments but no shared step had step 0."""
     for _, part in _torch_adams(optimizer, state_dict, distributed=False):
-        state = (part or {}).get("optimizer", {}).get("state")
+        part = part or {}
+        state = (part["optimizer"] if "optimizer" in part else part).get("state")  # mixed precision / fp32
         if state and "common_step" not in state and not any("step" in s for s in state.values()):
             state["common_step"] = torch.tensor(0.0, dtype=torch.float32)
 

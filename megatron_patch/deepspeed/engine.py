@@ -152,7 +152,7 @@ def _micro_batch(engine, iterator):
 def train_step(ctx, state, iterators):
     """One global batch: backward per micro-batch, DeepSpeed's update at the accumulation boundary,
     then the lr schedule (as on the Megatron path, a skipped update does not advance it)."""
-    from megatron_patch.training.loop import _reduce_loss
+    from megatron_patch.training.loop import SKIP_OVERFLOW, _reduce_loss
 
     engine, args = ctx.model[0], ctx.args
     reports = []
@@ -165,7 +165,8 @@ def train_step(ctx, state, iterators):
     if applied:
         ctx.scheduler.step(increment=args.global_batch_size)
     grad_norm = engine.get_global_grad_norm()
-    return _reduce_loss(reports), None if grad_norm is None else float(grad_norm), not applied
+    return (_reduce_loss(reports), None if grad_norm is None else float(grad_norm),
+            None if applied else SKIP_OVERFLOW)  # DeepSpeed skips only for fp16 overflows
 
 
 def evaluate(ctx, iterators, num_batches):

@@ -11,7 +11,11 @@ Spike policy (`--spike-policy`):
             trainer to reload the last good checkpoint, optionally skipping the data that came
             after it (`--rollback-skip-data`) and scaling the lr by `--rollback-lr-factor` for
             `--rollback-lr-steps` steps.
-A non-finite loss or gradient norm is never applied, whatever the policy.
+A non-finite loss or gradient norm is never applied, whatever the policy. Under fp16 with dynamic
+loss scaling it is an overflow, the loss scaler's business, not a spike: the monitor lets
+megatron-core's step find it (that step skips the update and lowers the scale) and keeps it out
+of the detector's window. Vetoing it instead would keep the scale where it overflows, and every
+later step would be skipped.
 """
 
 import json
@@ -60,8 +64,9 @@ def validate_monitor_args(args, fail) -> None:
         fail("--monitor-interval must be >= 0")
     if args.spike_policy != "off" and args.spike_zscore <= 0 and args.spike_ratio <= 0:
         fail("--spike-policy needs --spike-zscore > 0 or --spike-ratio > 0")
-    if args.spike_policy == "rollback" and not (args.save and args.save_interval):
-        fail("--spike-policy rollback needs --save and --save-interval (a checkpoint to go back to)")
+    if args.spike_policy == "rollback" and not args.save:
+        fail("--spike-policy rollback needs --save: the checkpoints it goes back to (the first, "
+             "iteration 0, is written at the start)")
     if monitor_enabled(args) and getattr(args, "use_distributed_optimizer", False):
         fail("the stability monitor reads full gradients; it does not support --use-distributed-optimizer yet")
     if not 0 < args.rollback_lr_factor <= 1:
@@ -77,6 +82,7 @@ class StabilityMonitor:
             z_threshold=args.spike_zscore if args.spike_zscore > 0 else None,
             ratio_threshold=args.spike_ratio if args.spike_ratio > 0 else None)
         self.recent_spikes, self.rollbacks = deque(), 0
+        self.dynamic_loss_scaling = bool(getattr(args, "fp16", False)) and not getattr(args, "loss_scale", None)
         self.spike_log = []  # every SpikeEvent, for callers and tests
         self._acts = self._snapshot = self._record = None
         self._writer = None
@@ -136,6 +142,11 @@ class StabilityMonitor:
     def on_before_optimizer_step(self, state) -> bool:
         loss_scale = float(state.optimizer.get_loss_scale())
         grad_norm = self._grad_norm_on_all_ranks(state.current_grad_norm() / loss_scale)
+        finite = math.isfinite(grad_norm) and (state.loss is None or math.isfinite(state.loss))
+        if self.dynamic_loss_scaling and not finite:  # an overflow: the scaler skips it (module doc)
+            self._record = {"iteration": state.iteration, "loss": state.loss, "grad_norm_total": grad_norm,
+                            "overflow": True, "skipped": True}
+            return False
         spikes = self.detector.observe(state.iteration, loss=state.loss, grad_norm=grad_norm)
         non_finite = any(e.reason == "non-finite" for e in spikes)
         # One compact line per step (the loss curve); per-layer sections on measured/spike steps.

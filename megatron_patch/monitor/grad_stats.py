@@ -33,12 +33,21 @@ def unwrap(chunk):
     return chunk
 
 
+def is_norm_parameter(name: str) -> bool:
+    """A norm's weight or bias, by module and parameter role: a parameter of a module named
+    *layernorm (local layers: input_layernorm, pre_mlp_layernorm, q/k_layernorm), or the
+    layer_norm_weight/bias that Transformer Engine's fused LayerNorm-linears (linear_qkv, linear_fc1
+    in megatron-core's TE spec) hold for the layer's norm."""
+    module, _, param = name.rpartition(".")
+    return param.startswith("layer_norm_") or module.rsplit(".", 1)[-1].endswith("layernorm")
+
+
 def classify(name: str, layer_number) -> Tuple:
     """(layer, group) of a parameter name within a GPTModel chunk."""
     if layer_number is not None:
         if name.endswith("wesar_gate"):
             return layer_number, "gate"
-        if "layernorm" in name:
+        if is_norm_parameter(name):
             return layer_number, "ln"
         if ".self_attention." in name:
             return layer_number, "attention"

@@ -296,7 +296,7 @@ def read_common_state(path: str, if_deepspeed: str) -> dict:
     or not written by this trainer."""
     from megatron.core import dist_checkpointing
 
-    if os.path.isfile(os.path.join(path, DEEPSPEED_METADATA)):  # issue 8: see megatron_patch/deepspeed
+    if os.path.isfile(os.path.join(path, DEEPSPEED_METADATA)):  # see megatron_patch/deepspeed
         raise SetupError(f"{path} is a DeepSpeed checkpoint; {if_deepspeed}")
     try:
         common = dist_checkpointing.load_common_state_dict(path)

@@ -99,7 +99,8 @@ class TrainingLogger:
         self._reset_interval()
 
     def _reset_interval(self):
-        self.loss_sum, self.loss_count, self.skipped, self.nans = 0.0, 0, 0, 0
+        self.loss_sum, self.loss_count, self.nans = 0.0, 0, 0
+        self.skipped = {}  # skip reason -> count (see loop.train_step)
         self.time_sum, self.iters = 0.0, 0
 
     def print(self, text: str) -> None:
@@ -113,9 +114,10 @@ class TrainingLogger:
         if self.wandb is not None:
             self.wandb.log({tag: value}, step=step)
 
-    def log_iteration(self, iteration, consumed_samples, loss, lr, loss_scale, grad_norm, skipped,
+    def log_iteration(self, iteration, consumed_samples, loss, lr, loss_scale, grad_norm, skip_reason,
                       step_time):
-        """Accumulate one iteration; print every --log-interval. `loss` is None off the last stage.
+        """Accumulate one iteration; print every --log-interval. `loss` is None off the last stage;
+        `skip_reason` None for an applied update, else why it was skipped (loop.SKIP_*).
 
         `step_time` (s) covers the train step only: evaluation and checkpoints are excluded, as the
         interval timer of Megatron-LM excludes them.
@@ -123,8 +125,9 @@ class TrainingLogger:
         args = self.args
         self.iters += 1
         self.time_sum += step_time
+        skipped = skip_reason is not None
         if skipped:
-            self.skipped += 1
+            self.skipped[skip_reason] = self.skipped.get(skip_reason, 0) + 1
         elif loss is not None and not math.isfinite(loss):
             self.nans += 1
         elif loss is not None:
@@ -159,7 +162,9 @@ class TrainingLogger:
             line += f" loss scale: {loss_scale:.1f} |"
             if grad_norm is not None:
                 line += f" grad norm: {grad_norm:.3f} |"
-            line += (f" number of skipped iterations: {self.skipped:3d} |"
+            skips = sum(self.skipped.values())
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
+            line += (f" number of skipped iterations: {skips:3d}{f' ({reasons})' if skips else ''} |"
                      f" number of nan iterations: {self.nans:3d} |"
                      f" tokens per second: {tokens_per_s:.1f} |"
                      f" TFLOP/s per device: {tflops:.4g} |")
@@ -170,7 +175,8 @@ class TrainingLogger:
         self._reset_interval()
 
     def log_evaluation(self, label, iteration, loss):
-        ppl = math.exp(min(20.0, loss))
+        # exp(min(20, nan)) would print a finite perplexity for a NaN loss: NaN stays NaN.
+        ppl = math.exp(min(20.0, loss)) if not math.isnan(loss) else float("nan")
         text = f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
         bar = "-" * (len(text) + 1)
         self.print(f"{bar}\n{text}\n{bar}")

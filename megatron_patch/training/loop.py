@@ -29,6 +29,11 @@ def add_training_args(parser):
     g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_false", help="Do not stop on NaN gradients.")
+    g.add_argument("--max-consecutive-skipped-iterations", type=int, default=50,
+                   help="Stop (exit 1, nothing saved) after this many skipped updates in a row: "
+                        "loss-scale overflows or updates the stability monitor refused. A run "
+                        "that gets there has diverged. 0: never stop. fp16's first steps overflow "
+                        "while the scale comes down from 2^32, about 20 of them.")
     g.add_argument("--empty-unused-memory-level", type=int, default=0, help="Accepted.")
     g.add_argument("--manual-gc", action="store_true", help="Accepted.")
     return parser
@@ -56,6 +61,8 @@ def validate_training_args(args) -> None:
     if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
         raise SetupError(f"interleaved pipelining needs the number of micro-batches "
                          f"({args.num_microbatches}) to be a multiple of PP ({pp})")
+    if args.max_consecutive_skipped_iterations < 0:
+        raise SetupError("--max-consecutive-skipped-iterations must be >= 0 (0: never stop)")
     if args.eval_iters < 0 or (args.eval_interval is not None and args.eval_interval < 0):
         raise SetupError("--eval-iters and --eval-interval must be >= 0")
 
@@ -165,8 +172,14 @@ def _loss_on_all_ranks(loss, device) -> float:
     return float(t.item())
 
 
+# Why an update was not applied (the third value a step function returns; None: applied).
+SKIP_OVERFLOW = "overflow"  # the fp16 loss scaler found Inf/NaN gradients and lowered the scale
+SKIP_MONITOR = "monitor"  # a callback (the stability monitor) vetoed it: a spike or non-finite step
+
+
 def train_step(ctx, state, iterators):
-    """One global batch: forward/backward over its micro-batches, then the optimizer step."""
+    """One global batch: forward/backward over its micro-batches, then the optimizer step.
+    Returns (loss, grad norm or None, skip reason or None)."""
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
@@ -177,13 +190,13 @@ def train_step(ctx, state, iterators):
         skip = ctx.callbacks.on_before_optimizer_step(
             StepState(state.iteration + 1, ctx.model, ctx.optimizer, ctx.args, loss=loss))
     if skip:
-        update_ok, grad_norm = False, None
-    else:
-        update_ok, grad_norm, _ = ctx.optimizer.step()
-    if update_ok:  # as Megatron-LM: a skipped update does not advance the schedule
-        ctx.scheduler.step(increment=ctx.args.global_batch_size)
-        apply_lr_scale(ctx, state.iteration + 1)
-    return loss, grad_norm, not update_ok
+        return loss, None, SKIP_MONITOR
+    update_ok, grad_norm, _ = ctx.optimizer.step()
+    if not update_ok:  # as Megatron-LM: a skipped update does not advance the schedule
+        return loss, grad_norm, SKIP_OVERFLOW
+    ctx.scheduler.step(increment=ctx.args.global_batch_size)
+    apply_lr_scale(ctx, state.iteration + 1)
+    return loss, grad_norm, None
 
 
 def apply_lr_scale(ctx, iteration) -> None:
@@ -205,6 +218,19 @@ def evaluate(ctx, iterators, num_batches) -> Optional[float]:
     for chunk in ctx.model:
         chunk.train()
     return _reduce_loss(results)
+
+
+class TrainingDiverged(SetupError):
+    """Too many updates in a row were skipped: stop with one line, exit 1, save nothing."""
+
+
+def _diverged_message(state, reasons, loss, last_saved) -> str:
+    counts = ", ".join(f"{r} {reasons.count(r)}" for r in (SKIP_OVERFLOW, SKIP_MONITOR) if r in reasons)
+    checkpoint = (f"the last checkpoint is iteration {last_saved}" if last_saved is not None
+                  else "no checkpoint was written")
+    return (f"iteration {state.iteration}: {len(reasons)} updates in a row were skipped ({counts}; last loss "
+            f"{loss}): the run has diverged and stops without saving ({checkpoint}); resume with a lower --lr, "
+            "or raise --max-consecutive-skipped-iterations")
 
 
 def _stop_reason(ctx, signal_handler, start_time) -> Optional[str]:
@@ -248,12 +274,13 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
             ppl = log.log_evaluation(label, state.iteration, loss)
             ctx.callbacks.on_eval_end(step_state, {"lm loss": loss, "ppl": ppl})
 
-    reason = "done"
+    reason, skipped_in_a_row = "done", []
     while not args.skip_train and state.iteration < args.train_iters:
         if ctx.callbacks:  # one place for both engines' step_fn
             ctx.callbacks.on_step_start(StepState(state.iteration + 1, ctx.model, ctx.optimizer, args))
         t0 = time.perf_counter()
-        loss, grad_norm, skipped = step_fn(ctx, state, iterators)
+        loss, grad_norm, skip_reason = step_fn(ctx, state, iterators)
+        skipped = skip_reason is not None
         step_time = time.perf_counter() - t0
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
@@ -261,9 +288,12 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
         loss_scale = float(ctx.optimizer.get_loss_scale())
         grad_norm = None if grad_norm is None else float(grad_norm)
         ctx.history.append({"iteration": state.iteration, "loss": loss, "grad_norm": grad_norm,
-                            "lr": lr, "loss_scale": loss_scale, "skipped": skipped})
+                            "lr": lr, "loss_scale": loss_scale, "skipped": skipped, "skip_reason": skip_reason})
         log.log_iteration(state.iteration, state.consumed_train_samples, loss, lr, loss_scale,
-                          grad_norm, skipped, step_time)
+                          grad_norm, skip_reason, step_time)
+        skipped_in_a_row = skipped_in_a_row + [skip_reason] if skipped else []
+        if args.max_consecutive_skipped_iterations and len(skipped_in_a_row) >= args.max_consecutive_skipped_iterations:
+            raise TrainingDiverged(_diverged_message(state, skipped_in_a_row, loss, last_saved))
         step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args, loss=loss,
                                grad_norm=grad_norm, learning_rate=lr, skipped=skipped)
         ctx.callbacks.on_step_end(step_state)

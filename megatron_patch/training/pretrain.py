@@ -13,7 +13,7 @@ def _is_rank0() -> bool:
 
 
 def _checkpoints(args):
-    """Checkpoint read/write: megatron-core dist_checkpointing, or DeepSpeed's engine (issue 8)."""
+    """Checkpoint read/write: megatron-core dist_checkpointing, or DeepSpeed's engine."""
     if args.deepspeed:
         from megatron_patch.deepspeed import checkpoint
 
@@ -38,7 +38,7 @@ def build(args, callbacks=None):
     header = ckpt.read_checkpoint_header(args, tokenizer.vocab_size, padded) if args.load else None
     datasets = data.build_datasets(args, tokenizer)
     config = args.transformer_config
-    if args.deepspeed:  # issue 8: DeepSpeed's engine instead of megatron-core's DDP and optimizer
+    if args.deepspeed:  # DeepSpeed's engine instead of megatron-core's DDP and optimizer
         from megatron_patch.deepspeed.engine import build_engine
 
         model, opt, scheduler = build_engine(args, config, padded, runtime.device)
@@ -84,7 +84,7 @@ def run(argv=None, callbacks=None):
     monitor), so a test can inject a fault that the monitor must then catch."""
     from . import checkpointing, initialize
     from .loop import train
-    from .rollback import make_rollback_fn
+    from .rollback import ensure_rollback_point, make_rollback_fn
 
     args = parse_and_validate(argv)
     callbacks = list(callbacks or []) + callbacks_from_args(args)
@@ -96,15 +96,20 @@ def run(argv=None, callbacks=None):
         if iters["train"] is None and not args.skip_train and args.train_iters > 0:
             raise SetupError("the training split is empty")
         engine_steps = {}
-        if args.deepspeed:  # issue 8: the engine's train/eval steps
+        if args.deepspeed:  # the engine's train/eval steps
             from megatron_patch.deepspeed.engine import loop_functions
 
             engine_steps = loop_functions(ctx)
-        ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"],
-                                save_fn=lambda st: _checkpoints(args).save_checkpoint(ctx, st),
-                                signal_handler=handler,
-                                rollback_fn=make_rollback_fn(ctx, ctx.datasets) if args.spike_policy == "rollback" else None,
-                                **engine_steps)
+
+        def save_fn(st):
+            return _checkpoints(args).save_checkpoint(ctx, st)
+
+        rollback_fn = None
+        if args.spike_policy == "rollback":
+            ensure_rollback_point(ctx, state, save_fn)
+            rollback_fn = make_rollback_fn(ctx, ctx.datasets)
+        ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"], save_fn=save_fn,
+                                signal_handler=handler, rollback_fn=rollback_fn, **engine_steps)
         ctx.state = state
         ctx.logger.close()
         return ctx

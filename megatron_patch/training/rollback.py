@@ -7,8 +7,22 @@ cool-down (`lr_factor` for `lr_steps` steps) can be asked for too.
 """
 
 import argparse
+import os
 
 from . import checkpointing, data, optimizer
+from .errors import SetupError
+
+
+def ensure_rollback_point(ctx, state, save_fn) -> None:
+    """Save the starting point when --save holds no checkpoint yet, so that a rollback requested
+    before the first --save-interval checkpoint has somewhere to go (spikes come early: Vanilla's
+    bursts right after warm-up)."""
+    args = ctx.args
+    if os.path.isfile(os.path.join(args.save, checkpointing.TRACKER)):
+        return
+    save_fn(state)
+    ctx.logger.print(f" > rollback point: iteration {state.iteration} saved to {args.save} "
+                     "(--spike-policy rollback, before the first --save-interval checkpoint)")
 
 
 def make_rollback_fn(ctx, datasets):
@@ -18,8 +32,9 @@ def make_rollback_fn(ctx, datasets):
     def rollback(state, request):
         resume_args = argparse.Namespace(**{**vars(args), "load": args.save, "ckpt_step": None})
         header = checkpointing.read_checkpoint_header(resume_args, ctx.vocab_size, ctx.padded_vocab_size)
-        if header is None:
-            raise RuntimeError(f"rollback requested but {args.save} holds no checkpoint")
+        if header is None:  # ensure_rollback_point wrote one: only a deleted directory gets here
+            raise SetupError(f"rollback requested after iteration {state.iteration}, but {args.save} "
+                             "holds no checkpoint any more")
         spiked_iteration, consumed = state.iteration, state.consumed_train_samples
         # megatron-core's scheduler.load_state_dict *adds* the saved step count to its own: it
         # expects a fresh scheduler, so give it one.

@@ -85,3 +85,27 @@ def test_activation_stats_match_the_ln_inputs(mcore):
         probes.probes["decoder.layers.0.input_layernorm"].input_std(), rel=0.05)
     # Vanilla recipe: the stream grows with depth ([SNM] §3).
     assert result[(1, "attn_ln_in")] < result[(3, "attn_ln_in")] < result[(None, "final_ln_in")]
+
+
+def test_transformer_engine_parameter_names_are_classified_by_role():
+    """megatron-core's TE spec fuses each pre-LN into the next linear (TELayerNormColumnParallelLinear
+    for linear_qkv and linear_fc1, whose norm parameters are layer_norm_weight / layer_norm_bias)."""
+    from megatron_patch.monitor.grad_stats import classify
+
+    expected = {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": "ln",
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_bias": "ln",
+        "decoder.layers.0.self_attention.linear_qkv.weight": "attention",
+        "decoder.layers.0.self_attention.linear_qkv.bias": "attention",
+        "decoder.layers.0.self_attention.linear_proj.weight": "attention",
+        "decoder.layers.0.self_attention.q_layernorm.weight": "ln",
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": "ln",
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_bias": "ln",
+        "decoder.layers.0.mlp.linear_fc1.weight": "ffn",
+        "decoder.layers.0.mlp.linear_fc2.bias": "ffn",
+        "decoder.layers.0.input_layernorm.weight": "ln",  # local layers
+        "decoder.layers.0.pre_mlp_layernorm.bias": "ln",
+    }
+    assert {name: classify(name, 1) for name in expected} == {n: (1, g) for n, g in expected.items()}
+    assert classify("decoder.final_layernorm.weight", None) == (None, "final_ln")
+    assert classify("embedding.stabilizer.norm.weight", None) == (None, "embedding")
