@@ -67,8 +67,6 @@ def validate_monitor_args(args, fail) -> None:
     if args.spike_policy == "rollback" and not args.save:
         fail("--spike-policy rollback needs --save: the checkpoints it goes back to (the first, "
              "iteration 0, is written at the start)")
-    if monitor_enabled(args) and getattr(args, "use_distributed_optimizer", False):
-        fail("the stability monitor reads full gradients; it does not support --use-distributed-optimizer yet")
     if not 0 < args.rollback_lr_factor <= 1:
         fail("--rollback-lr-factor must be in (0, 1]")
 
@@ -154,7 +152,8 @@ class StabilityMonitor:
         if spikes:
             self._record["spikes"] = [e.as_dict() for e in spikes]
         if spikes or self._measured(state.iteration):
-            norms = squared_norms(state.model, self.args.num_layers, loss_scale=loss_scale)
+            norms = squared_norms(state.model, self.args.num_layers, loss_scale=loss_scale,
+                                  optimizer=state.optimizer)
             self._record["grad_norm"] = {key_name(k): math.sqrt(v) for k, v in norms.items()}
             if self._acts is not None:
                 self._acts.__exit__(None, None, None)

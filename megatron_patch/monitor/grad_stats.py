@@ -8,8 +8,11 @@ all-reduce over the model-parallel group completes it. The squares add up to the
 norm that megatron-core's clipping computes.
 
 Gradients are read from the DDP `main_grad` buffers after `finalize_model_grads` (i.e. in the
-trainer's on_before_optimizer_step), divided by the loss scale. The distributed optimizer leaves
-only this rank's shard of each buffer reduced, so it is refused for now.
+trainer's on_before_optimizer_step), divided by the loss scale. With the distributed optimizer
+the reduce-scatter completes only this rank's shard of each buffer: each rank then sums the
+squares over the ranges of each parameter it owns (the optimizer's own range map), and the sum
+runs over the optimizer's grad-stats group (all its DP x TP x PP ranks) instead of the
+model-parallel group, as megatron-core's own gradient clipping does.
 """
 
 from typing import Dict, List, Sequence, Tuple
@@ -86,24 +89,62 @@ def named_parameter_groups(chunks: Sequence[torch.nn.Module]):
             yield classify(name, layer), name, p
 
 
-def squared_norms(chunks, num_layers: int, use_grads: bool = True, loss_scale: float = 1.0):
-    """{key: squared norm} of grads (main_grad, unscaled) or weights, complete on every rank."""
+def _owned_ranges(optimizer):
+    """{model param: Range of its flattened elements whose reduced gradient this rank holds} for
+    megatron-core's DistributedOptimizer(s); None for any other optimizer (every rank holds all)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    distributed = [o for o in parts if isinstance(o, DistributedOptimizer)]
+    if not distributed:
+        return None
+    return {p: o._get_model_param_range_map(p)["param"] for o in distributed for p in o.model_param_gbuf_map}
+
+
+def grad_stats_group(optimizer):
+    """The group over which per-rank gradient sums add up to the whole (megatron-core's choice:
+    the model-parallel group, or every rank of a distributed optimizer)."""
+    from megatron.core import parallel_state
+
+    if optimizer is not None and hasattr(optimizer, "get_grad_stats_parallel_group"):
+        return optimizer.get_grad_stats_parallel_group()
+    return parallel_state.get_model_parallel_group()
+
+
+def owned_gradients(chunks, optimizer=None):
+    """(key, name, grad) for each parameter counted once, `grad` being the part of its reduced
+    gradient this rank holds: all of it, or its distributed-optimizer shard (absent: no part)."""
+    ranges = _owned_ranges(optimizer) if optimizer is not None else None
+    for key, name, p in named_parameter_groups(chunks):
+        grad = getattr(p, "main_grad", None)
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            continue
+        if ranges is not None:
+            owned = ranges.get(p)
+            if owned is None:
+                continue
+            grad = grad.view(-1)[owned.start:owned.end]
+        yield key, name, grad
+
+
+def squared_norms(chunks, num_layers: int, use_grads: bool = True, loss_scale: float = 1.0, optimizer=None):
+    """{key: squared norm} of grads (main_grad, unscaled) or weights, complete on every rank.
+    Pass the optimizer when it may be distributed (gradients are then read from its shards)."""
     from megatron.core import parallel_state
 
     keys = group_keys(num_layers)
     index = {k: i for i, k in enumerate(keys)}
     device = next(iter(unwrap(chunks[0]).parameters())).device
     totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
-    for key, _, p in named_parameter_groups(chunks):
-        t = getattr(p, "main_grad", None) if use_grads else p
-        if t is None:
-            t = p.grad if use_grads else None
-        if t is not None:
-            totals[index[key]] += t.detach().double().pow(2).sum()
+    tensors = owned_gradients(chunks, optimizer) if use_grads else named_parameter_groups(chunks)
+    for key, _, t in tensors:
+        totals[index[key]] += t.detach().double().pow(2).sum()
     if use_grads and loss_scale != 1.0:
         totals /= loss_scale ** 2
     if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
-        torch.distributed.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+        group = grad_stats_group(optimizer) if use_grads else parallel_state.get_model_parallel_group()
+        torch.distributed.all_reduce(totals, group=group)
     return {k: totals[i].item() for i, k in enumerate(keys)}
 
 

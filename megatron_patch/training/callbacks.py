@@ -50,26 +50,16 @@ class StepState:
         """Global L2 norm of this step's (all-reduced) gradients, before clipping.
 
         Usable in on_before_optimizer_step; reads the DDP main_grad buffers, the same gradients
-        the optimizer will clip, reduced over the model-parallel group. Every DP rank holds the
-        full all-reduced gradient (also with the distributed optimizer, after its reduce-scatter
-        only this rank's shard is final: call it only without --use-distributed-optimizer).
+        the optimizer will clip. With the distributed optimizer each rank reads only the shard
+        its reduce-scatter completed, and the sum runs over every rank of the optimizer
+        (megatron-core's own grad-stats group); see megatron_patch.monitor.grad_stats.
         """
-        from megatron.core import parallel_state
         from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
-        from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
-        from megatron.core.transformer.module import param_is_not_shared
 
-        grads, seen = [], set()
-        for chunk in self.model:
-            for p in chunk.parameters():
-                g = getattr(p, "main_grad", None)
-                if g is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
-                    grads.append(g)
-        group = parallel_state.get_model_parallel_group()
-        return float(get_grad_norm_fp32(grads, grad_stats_parallel_group=group))
+        from megatron_patch.monitor.grad_stats import grad_stats_group, owned_gradients
+
+        grads = [g for _, _, g in owned_gradients(self.model, self.optimizer)]
+        return float(get_grad_norm_fp32(grads, grad_stats_parallel_group=grad_stats_group(self.optimizer)))
 
 
 class CallbackList:

@@ -31,19 +31,50 @@ def changed(result, iteration):
     return [per_rank[str(iteration)] for per_rank in result["changed_per_rank"]]
 
 
+INJECT = [12, 19]
+
+
+@pytest.fixture(scope="module")
+def skip_runs(tmp_path_factory):
+    """The skip policy with the same injected spikes at DP=2, without and with the distributed
+    optimizer (whose gradients the monitor reads from each rank's shard)."""
+    runs = {}
+    for name, extra in (("ddp", []), ("distopt", ["--use-distributed-optimizer"])):
+        tmp = tmp_path_factory.mktemp(name)
+        result, stdout = launch(tmp, "grad", INJECT, "--spike-policy", "skip", *extra)
+        lines = [json.loads(l) for l in (tmp / "mon" / "monitor.jsonl").read_text().splitlines()]
+        runs[name] = (result, stdout, lines)
+    return runs
+
+
 @pytest.mark.slow
-def test_skip_policy_flags_exactly_the_injected_steps_and_skips_them_everywhere(tmp_path):
-    inject = [12, 19]
-    result, stdout = launch(tmp_path, "grad", inject, "--spike-policy", "skip")
-    assert result["spikes"] == inject
-    for it in inject:
+@pytest.mark.parametrize("name", ["ddp", "distopt"])
+def test_skip_policy_flags_exactly_the_injected_steps_and_skips_them_everywhere(skip_runs, name):
+    result, stdout, lines = skip_runs[name]
+    assert result["spikes"] == INJECT
+    for it in INJECT:
         assert changed(result, it) == [False, False]
     assert changed(result, 13) == [True, True]
-    assert "number of skipped iterations:   1" in stdout
+    assert "number of skipped iterations:   1 (monitor 1)" in stdout
     # The compact jsonl has one line per step and per-layer sections on measured/spike steps.
-    lines = [json.loads(l) for l in (tmp_path / "mon" / "monitor.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines] == list(range(1, 25))
     assert {l["iteration"] for l in lines if "grad_norm" in l} == {5, 10, 12, 15, 19, 20}
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_per_layer_norms_equal_the_unsharded_ones(skip_runs):
+    _, _, sharded = skip_runs["distopt"]
+    _, _, full = skip_runs["ddp"]
+    history = {h["iteration"]: h for h in skip_runs["distopt"][0]["history"]}
+    for a, b in zip(sharded, full):
+        assert a["grad_norm_total"] == pytest.approx(b["grad_norm_total"], rel=1e-5)
+        if "grad_norm" in a:
+            assert set(a["grad_norm"]) == set(b["grad_norm"])
+            for key, value in a["grad_norm"].items():
+                assert value == pytest.approx(b["grad_norm"][key], rel=1e-5, abs=1e-12), key
+            if a["iteration"] not in INJECT:  # and they add up to the optimizer's own norm
+                total = math.sqrt(sum(v * v for v in a["grad_norm"].values()))
+                assert total == pytest.approx(history[a["iteration"]]["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -95,3 +95,11 @@ def test_a_real_run_needs_data():
 def test_bad_options_fail_before_python():
     r = script("--size", "7b", "--method", "vanilla", "--dry-run")
     assert r.returncode == 2 and "--size must be one of: 1.7b 13b 350m" in r.stderr
+
+
+def test_paper_config_plans_with_the_stability_monitor(capsys):
+    """The paper configs use the distributed optimizer and fp16: the monitor runs with both."""
+    argv = plan_table.paper_argv("350m", "vanilla") + [
+        "--monitor-interval", "100", "--spike-policy", "rollback", "--save", "/runs/350m", "--dry-run",
+        "--world-size", "8", "--choose-layout"]
+    assert dry_run.main(argv) == 0, capsys.readouterr().err
