@@ -6,6 +6,7 @@ run: `--monitor-interval 100 --spike-policy skip` (one compact record and a grad
 step, per-layer statistics every 100 steps).
 
     PYTHONPATH=. python benchmarks/bench_monitor.py [--iters 60 --rounds 3 --interval 100]
+        [--distributed-optimizer]   (the paper configs' optimizer; the monitor reads its shards)
 """
 
 import argparse
@@ -23,8 +24,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--interval", type=int, default=100)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--distributed-optimizer", action="store_true")
     args = ap.parse_args()
-    base = model_argv(args.quick, args.iters)
+    base = model_argv(args.quick, args.iters) + (["--use-distributed-optimizer"] if args.distributed_optimizer else [])
     monitor = ["--monitor-interval", str(args.interval), "--spike-policy", "skip",
                "--monitor-dir", "/tmp/bench_monitor"]
     times = {"off": [], "on": []}

@@ -1,8 +1,10 @@
 """StabilityMonitor: the trainer callback that measures, detects spikes and acts on them.
 
 Every `--monitor-interval` steps (and on every spike) it records per-layer gradient norms by
-parameter group, per-layer residual-stream std at each pre-LN, and per-group update/weight ratios,
-to a compact jsonl (`--monitor-dir`) and to TensorBoard/wandb through the trainer's logger.
+parameter group, per-layer residual-stream std at each pre-LN, and per-group update norms and
+update/weight ratios, to a compact jsonl (`--monitor-dir`) and to TensorBoard/wandb through the
+trainer's logger. `--spike-signal` chooses what the detector watches: the loss and the gradient
+norm (before the update), and/or the norm of Adam's update (after it, every step).
 
 Spike policy (`--spike-policy`):
   log       record the spike with the step's per-layer stats, apply the update anyway;
@@ -27,7 +29,11 @@ import torch
 
 from .activation_stats import ActivationStats
 from .grad_stats import key_name, named_parameter_groups, squared_norms, unwrap
-from .spike_detector import SpikeDetector
+from .spike_detector import SpikeDetector, SpikeEvent
+from .update_stats import adam_update_norm, step_lrs
+
+
+SIGNALS = ("loss", "grad_norm", "update_norm")
 
 
 def add_monitor_args(parser):
@@ -36,11 +42,20 @@ def add_monitor_args(parser):
                    help="Record per-layer statistics every K steps (0: monitor off).")
     g.add_argument("--monitor-dir", default=None, help="Where to write monitor.jsonl (default: --save or cwd).")
     g.add_argument("--monitor-update-ratio", action="store_true",
-                   help="Also record per-group update/weight ratios (keeps an fp32 copy of the "
-                        "weights during measured steps only).")
+                   help="Also record per-group update norms and update/weight ratios (keeps an fp32 "
+                        "copy of the weights during measured steps only).")
     g.add_argument("--spike-policy", choices=["off", "log", "skip", "rollback"], default="off",
-                   help="What to do on a loss / grad-norm spike (non-finite values are never applied).")
-    g.add_argument("--spike-window", type=int, default=128, help="Healthy steps the statistics use.")
+                   help="What to do on a spike of the --spike-signal values (non-finite losses and "
+                        "gradients are never applied).")
+    g.add_argument("--spike-signal", nargs="+", choices=list(SIGNALS) + ["any"], default=["loss", "grad_norm"],
+                   help="What the detector watches: loss, grad_norm (before the update: a spike is "
+                        "skipped), update_norm (the norm of Adam's update, read from its state after "
+                        "the step: a spike is recorded and counts toward a rollback, but cannot be "
+                        "skipped), or any (all three).")
+    g.add_argument("--spike-window", type=int, default=64,
+                   help="Healthy steps the statistics use (64: on the spike sweep's runs it caught as "
+                        "many bursts as 32 with fewer false flags, and more than 128, whose window "
+                        "still held the early high norms; see benchmarks/spike_rule_eval.py).")
     g.add_argument("--spike-min-history", type=int, default=16)
     g.add_argument("--spike-zscore", type=float, default=6.0, help="Flag x > mean + Z*std (<=0: off).")
     g.add_argument("--spike-ratio", type=float, default=0.0, help="Flag x > R*median (<=0: off).")
@@ -69,6 +84,9 @@ def validate_monitor_args(args, fail) -> None:
              "iteration 0, is written at the start)")
     if not 0 < args.rollback_lr_factor <= 1:
         fail("--rollback-lr-factor must be in (0, 1]")
+    args.spike_signal = list(SIGNALS) if "any" in args.spike_signal else list(dict.fromkeys(args.spike_signal))
+    if "update_norm" in args.spike_signal and getattr(args, "optimizer", "adam") != "adam":
+        fail("--spike-signal update_norm reads Adam's moments; it needs --optimizer adam")
 
 
 class StabilityMonitor:
@@ -78,7 +96,8 @@ class StabilityMonitor:
         self.detector = SpikeDetector(
             window=args.spike_window, min_history=args.spike_min_history,
             z_threshold=args.spike_zscore if args.spike_zscore > 0 else None,
-            ratio_threshold=args.spike_ratio if args.spike_ratio > 0 else None)
+            ratio_threshold=args.spike_ratio if args.spike_ratio > 0 else None,
+            metrics=tuple(getattr(args, "spike_signal", ("loss", "grad_norm"))))
         self.recent_spikes, self.rollbacks = deque(), 0
         self.dynamic_loss_scaling = bool(getattr(args, "fp16", False)) and not getattr(args, "loss_scale", None)
         self.spike_log = []  # every SpikeEvent, for callers and tests
@@ -109,7 +128,7 @@ class StabilityMonitor:
         self._writer.flush()
         if self.logger is not None:
             step = record["iteration"]
-            for section in ("grad_norm", "act_std", "update_ratio"):
+            for section in ("grad_norm", "act_std", "update_ratio", "update_norm"):
                 for k, v in record.get(section, {}).items():
                     self.logger.log_scalar(f"monitor/{section}/{k}", v, step)
 
@@ -145,8 +164,13 @@ class StabilityMonitor:
             self._record = {"iteration": state.iteration, "loss": state.loss, "grad_norm_total": grad_norm,
                             "overflow": True, "skipped": True}
             return False
+        if "update_norm" in self.detector.windows:
+            self._step_lrs = step_lrs(state.optimizer)  # the scheduler moves them after the step
         spikes = self.detector.observe(state.iteration, loss=state.loss, grad_norm=grad_norm)
-        non_finite = any(e.reason == "non-finite" for e in spikes)
+        if not finite and not any(e.reason == "non-finite" for e in spikes):  # a signal not watched
+            metric, value = ("grad_norm", grad_norm) if not math.isfinite(grad_norm) else ("loss", state.loss)
+            spikes.append(SpikeEvent(state.iteration, metric, value, "non-finite", float("nan")))
+        non_finite = not finite
         # One compact line per step (the loss curve); per-layer sections on measured/spike steps.
         self._record = {"iteration": state.iteration, "loss": state.loss, "grad_norm_total": grad_norm}
         if spikes:
@@ -174,14 +198,28 @@ class StabilityMonitor:
             self._acts.__exit__(None, None, None)
             self._acts = None
         if self._snapshot is not None:
-            self._record["update_ratio"] = self._update_ratios()
+            self._record["update_ratio"], self._record["update_norm"] = self._update_ratios()
             self._snapshot = None
+        if "update_norm" in self.detector.windows and self._record is not None and not state.skipped:
+            self._observe_update_norm(state)
         if self._record is not None:
             self._write(self._record)
             self._record = None
         self._maybe_request_rollback(state)
 
+    def _observe_update_norm(self, state):
+        """Detect on the update the step just applied (cannot be skipped: counted, for rollback)."""
+        norm = adam_update_norm(state.optimizer, self._step_lrs)
+        self._record["update_norm_total"] = norm
+        spikes = self.detector.observe(state.iteration, update_norm=norm)
+        if spikes:
+            self._record.setdefault("spikes", []).extend(e.as_dict() for e in spikes)
+            self.spike_log += spikes
+            if not self.recent_spikes or self.recent_spikes[-1] != state.iteration:
+                self.recent_spikes.append(state.iteration)
+
     def _update_ratios(self):
+        """({group: |update| / |weight|}, {group: |update|}) of the step just applied."""
         from megatron.core import parallel_state
 
         keys = sorted({k for k, _, _ in self._snapshot}, key=str)
@@ -203,7 +241,8 @@ class StabilityMonitor:
                     total[name] = (a + du, b + w)
         else:
             total = {key_name(k): tuple(sums[i].tolist()) for k, i in index.items()}
-        return {name: math.sqrt(du / w) for name, (du, w) in total.items() if w > 0}
+        ratios = {name: math.sqrt(du / w) for name, (du, w) in total.items() if w > 0}
+        return ratios, {name: math.sqrt(du) for name, (du, _) in total.items()}
 
     def _maybe_request_rollback(self, state):
         if self.args.spike_policy != "rollback":

@@ -94,3 +94,48 @@ def test_nan_validation_loss_prints_nan_perplexity(mcore, capsys):
     ppl = TrainingLogger(args, 256, 1).log_evaluation("iteration 4", 4, float("nan"))
     assert math.isnan(ppl)
     assert "lm loss value: NAN | lm loss PPL: NAN" in capsys.readouterr().out
+
+
+class UpdateProbe:
+    """The applied update of each step, measured from the weights themselves."""
+
+    def __init__(self):
+        self.applied, self.read = [], []
+
+    def on_before_optimizer_step(self, state):
+        from megatron_patch.monitor.update_stats import step_lrs
+
+        self._before = [p.detach().clone() for chunk in state.model for p in chunk.parameters()]
+        self._lrs = step_lrs(state.optimizer)
+
+    def on_step_end(self, state):
+        from megatron_patch.monitor.update_stats import adam_update_norm
+
+        after = [p.detach() for chunk in state.model for p in chunk.parameters()]
+        self.applied.append(sum((a - b).double().pow(2).sum().item() for a, b in zip(after, self._before)) ** 0.5)
+        self.read.append(adam_update_norm(state.optimizer, self._lrs))
+
+
+@pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer"]])
+def test_adam_update_norm_read_from_the_state_equals_the_applied_update(corpus, extra):
+    probe = UpdateProbe()  # no weight decay: the applied update is exactly Adam's
+    run_inprocess(tiny_args("--train-iters", 6, "--weight-decay", 0, *extra, data=corpus), callbacks=[probe])
+    assert probe.applied[0] == 0.0 and probe.read[0] == 0.0  # the warm-up starts at lr 0
+    assert probe.read[1:] == pytest.approx(probe.applied[1:], rel=1e-4)
+
+
+def test_update_norm_spikes_are_detected_and_recorded_per_layer(corpus, tmp_path):
+    # Constant lr and no momentum: Adam's update then jumps ~5x on a 1e4x gradient (v lags, beta2 0.999).
+    ctx = run_inprocess(tiny_args("--train-iters", 30, "--spike-policy", "log", "--spike-signal", "update_norm",
+                                  "--spike-min-history", 8, "--monitor-interval", 10, "--monitor-update-ratio",
+                                  "--monitor-dir", tmp_path, "--clip-grad", 0, "--adam-beta1", 0,
+                                  "--lr-decay-style", "constant", "--lr-warmup-iters", 0, data=corpus),
+                        callbacks=[Inject([25], 1e4)])
+    import json
+
+    lines = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
+    assert all("update_norm_total" in line for line in lines)
+    assert [(e.iteration, e.metric) for e in monitor_of(ctx).spike_log] == [(25, "update_norm")]
+    measured = [line for line in lines if line["iteration"] == 20][0]
+    per_group = measured["update_norm"]
+    assert math.sqrt(sum(v * v for v in per_group.values())) == pytest.approx(measured["update_norm_total"], rel=0.05)
