@@ -92,7 +92,9 @@ def load_checkpoint(ctx, state, header) -> bool:
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {ckpt._first_line(exc)}") from None
-    ckpt._set_rng_state(client[CLIENT_KEY]["rng_state"])
+    rng_notice = ckpt._set_rng_state(client[CLIENT_KEY]["rng_state"], ctx.args.seed, ctx.args.data_parallel_random_init)
+    if rng_notice and ckpt._rank0():
+        print(f" > {rng_notice}", flush=True)
     state.iteration = meta["iteration"]
     state.consumed_train_samples = meta["consumed_train_samples"]
     state.consumed_valid_samples = meta["consumed_valid_samples"]

@@ -62,11 +62,21 @@ def validate_deepspeed_args(args) -> None:
     _reconcile(config, args)
     args.deepspeed_config_dict = config
     args.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+    _refuse_unsupported_monitoring(args)
+
+
+def _refuse_unsupported_monitoring(args) -> None:
+    """What the stability monitor cannot read through DeepSpeed's engine."""
+    if args.monitor_update_ratio and args.zero_stage == 3:
+        raise SetupError("--monitor-update-ratio with ZeRO stage 3: each rank holds only a partition of "
+                         "the weights; use stage 0-2 or drop the flag")
+    if "update_norm" in args.spike_signal and (args.tensor_model_parallel_size > 1 or args.zero_stage == 3):
+        raise SetupError("--spike-signal update_norm with --deepspeed needs TP=1 and ZeRO stage 0-2: DeepSpeed's "
+                         "flat partitions do not mark TP-replicated parameters, and ZeRO-3 keeps them out of "
+                         "Adam's param groups between steps; use another signal")
 
 
 def _refuse_unsupported_flags(args) -> None:
-    from megatron_patch.monitor.callback import monitor_enabled
-
     pp = args.pipeline_model_parallel_size
     if pp > 1:
         raise SetupError(f"--deepspeed with --pipeline-model-parallel-size {pp}: pipeline parallelism "
@@ -74,10 +84,6 @@ def _refuse_unsupported_flags(args) -> None:
     if args.optimizer != "adam":
         raise SetupError(f"--optimizer {args.optimizer} is not supported with --deepspeed (ZeRO supports "
                          "Adam-type optimizers); use --optimizer adam")
-    if monitor_enabled(args):
-        raise SetupError("--monitor-interval/--spike-policy are not supported with --deepspeed (the "
-                         "stability monitor reads megatron-core's DDP gradient buffers and vetoes its "
-                         "optimizer steps); drop them or train without --deepspeed")
     for attr, flag, fix in _REFUSED:
         if getattr(args, attr):
             raise SetupError(f"{flag} is not supported with --deepspeed: {fix}")

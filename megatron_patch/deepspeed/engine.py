@@ -11,6 +11,7 @@ accumulation, the all-reduce or ZeRO partitioning over the data-parallel group, 
 fp16/bf16 and loss scaling.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -87,7 +88,8 @@ class ParallelStateMPU:
 
 class EngineOptimizer:
     """What the training loop, the logger and callbacks read from ctx.optimizer: the parameter
-    groups the scheduler drives (lr, weight decay) and the loss scale of DeepSpeed's wrapper."""
+    groups the scheduler drives (lr, weight decay), the loss scale of DeepSpeed's wrapper, and the
+    gradient access the stability monitor needs (megatron_patch.monitor.grad_stats)."""
 
     def __init__(self, engine, optimizer):
         self.engine, self.optimizer = engine, optimizer
@@ -98,6 +100,50 @@ class EngineOptimizer:
 
     def get_loss_scale(self) -> float:
         return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
+
+    def _partitioned(self) -> bool:
+        """Does each DP rank hold only a partition of the gradients? Under ZeRO 1-3, and with
+        DeepSpeed's bf16 optimizer (which partitions its fp32 state like ZeRO-1)."""
+        return self.engine.zero_optimization_stage() > 0 or type(self.engine.optimizer).__name__ == "BF16_Optimizer"
+
+    def owned_gradient(self, param):
+        """The part of `param`'s reduced gradient this rank holds, between the last backward of a
+        step and the engine's step, read through DeepSpeed's own fragment mappings (those that
+        deepspeed.utils.safe_get_full_grad assembles, without its all-reduce): all of it when not
+        partitioned, else this rank's fragment (None if it holds none). fp16: still loss-scaled."""
+        if self.engine.zero_optimization_stage() == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(param)
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:
+            fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).flatten()
+            address = mapping.lp_fragment_address
+            if fragment.numel() != address.numel:  # the bf16 optimizer keeps the whole gradient
+                fragment = fragment.narrow(0, address.start, address.numel)
+            return fragment
+        return None if self._partitioned() else param.grad
+
+    def get_grad_stats_parallel_group(self):
+        """Per-rank gradient sums add up over the model-parallel group when every DP rank holds
+        the whole gradient, over every rank when each holds a disjoint partition."""
+        from megatron.core import parallel_state
+
+        if not self._partitioned():
+            return parallel_state.get_model_parallel_group()
+        return None  # the world: DeepSpeed runs PP = 1, so world = DP x TP
+
+    @contextlib.contextmanager
+    def update_vetoed(self):
+        """Run the engine's step without changing a weight: torch's Adam does nothing this once.
+        DeepSpeed still does its bookkeeping around it (clipping, zeroing the gradients, copying
+        the unchanged fp32 partitions back to the model, advancing its step counter); Adam's
+        moments and step count stay as they were, as on the Megatron engine's skipped steps."""
+        self.optimizer.step = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            del self.optimizer.step
 
 
 def build_engine(args, config, padded_vocab_size, device):
@@ -131,12 +177,7 @@ def build_engine(args, config, padded_vocab_size, device):
 
 
 def loop_functions(ctx) -> dict:
-    """training.loop.train's step_fn/eval_fn for the engine. The engine applies every update it
-    computes (fp16 overflows aside), so a callback that vetoes updates cannot be honoured."""
-    for callback in ctx.callbacks.callbacks:
-        if hasattr(callback, "on_before_optimizer_step"):
-            raise SetupError(f"callback {type(callback).__name__} vetoes optimizer steps "
-                             "(on_before_optimizer_step), which the DeepSpeed engine does not offer")
+    """training.loop.train's step_fn/eval_fn for the engine."""
     return {"step_fn": train_step, "eval_fn": evaluate}
 
 
@@ -151,22 +192,32 @@ def _micro_batch(engine, iterator):
 
 def train_step(ctx, state, iterators):
     """One global batch: backward per micro-batch, DeepSpeed's update at the accumulation boundary,
-    then the lr schedule (as on the Megatron path, a skipped update does not advance it)."""
-    from megatron_patch.training.loop import SKIP_OVERFLOW, _reduce_loss
+    then the lr schedule (as on the Megatron path, a skipped update does not advance it). Between
+    the last backward and that update, callbacks may veto it (the stability monitor's skip), as
+    on the Megatron path; see EngineOptimizer.update_vetoed."""
+    from megatron_patch.training.callbacks import StepState
+    from megatron_patch.training.loop import SKIP_MONITOR, SKIP_OVERFLOW, _loss_on_all_ranks, _reduce_loss
 
     engine, args = ctx.model[0], ctx.args
-    reports = []
-    for _ in range(args.num_microbatches):
+    reports, vetoed = [], False
+    for micro in range(args.num_microbatches):
         loss, report = _micro_batch(engine, iterators[0])
         engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps inside
-        engine.step()  # a no-op until the last micro-batch
         reports.append(report)
+        if micro == args.num_microbatches - 1 and ctx.callbacks:
+            mean = _loss_on_all_ranks(_reduce_loss(reports), ctx.runtime.device)
+            vetoed = ctx.callbacks.on_before_optimizer_step(
+                StepState(state.iteration + 1, ctx.model, ctx.optimizer, args, loss=mean))
+        with ctx.optimizer.update_vetoed() if vetoed else contextlib.nullcontext():
+            engine.step()  # a no-op until the last micro-batch
+    if vetoed:
+        return _reduce_loss(reports), None, SKIP_MONITOR
     applied = engine.was_step_applied()
     if applied:
         ctx.scheduler.step(increment=args.global_batch_size)
     grad_norm = engine.get_global_grad_norm()
     return (_reduce_loss(reports), None if grad_norm is None else float(grad_norm),
-            None if applied else SKIP_OVERFLOW)  # DeepSpeed skips only for fp16 overflows
+            None if applied else SKIP_OVERFLOW)  # DeepSpeed itself skips only fp16 overflows
 
 
 def evaluate(ctx, iterators, num_batches):

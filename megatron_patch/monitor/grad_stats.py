@@ -113,7 +113,14 @@ def grad_stats_group(optimizer):
 
 def owned_gradients(chunks, optimizer=None):
     """(key, name, grad) for each parameter counted once, `grad` being the part of its reduced
-    gradient this rank holds: all of it, or its distributed-optimizer shard (absent: no part)."""
+    gradient this rank holds: all of it, or its distributed-optimizer shard (absent: no part).
+    An optimizer with an `owned_gradient(param)` method (the DeepSpeed engine's) answers itself."""
+    if hasattr(optimizer, "owned_gradient"):
+        for key, name, p in named_parameter_groups(chunks):
+            grad = optimizer.owned_gradient(p)
+            if grad is not None:
+                yield key, name, grad
+        return
     ranges = _owned_ranges(optimizer) if optimizer is not None else None
     for key, name, p in named_parameter_groups(chunks):
         grad = getattr(p, "main_grad", None)

@@ -107,7 +107,7 @@ def run(argv=None, callbacks=None):
         rollback_fn = None
         if args.spike_policy == "rollback":
             ensure_rollback_point(ctx, state, save_fn)
-            rollback_fn = make_rollback_fn(ctx, ctx.datasets)
+            rollback_fn = make_rollback_fn(ctx, ctx.datasets, _checkpoints(args))
         ctx.stop_reason = train(ctx, state, iters["train"], iters["valid"], iters["test"], save_fn=save_fn,
                                 signal_handler=handler, rollback_fn=rollback_fn, **engine_steps)
         ctx.state = state

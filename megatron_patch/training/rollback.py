@@ -25,13 +25,14 @@ def ensure_rollback_point(ctx, state, save_fn) -> None:
                      "(--spike-policy rollback, before the first --save-interval checkpoint)")
 
 
-def make_rollback_fn(ctx, datasets):
-    """The rollback_fn the loop calls: (state, request) -> fresh train iterators."""
+def make_rollback_fn(ctx, datasets, ckpt=checkpointing):
+    """The rollback_fn the loop calls: (state, request) -> fresh train iterators. `ckpt`: the
+    checkpoint module of the engine (training.checkpointing, or megatron_patch.deepspeed.checkpoint)."""
     args = ctx.args
 
     def rollback(state, request):
         resume_args = argparse.Namespace(**{**vars(args), "load": args.save, "ckpt_step": None})
-        header = checkpointing.read_checkpoint_header(resume_args, ctx.vocab_size, ctx.padded_vocab_size)
+        header = ckpt.read_checkpoint_header(resume_args, ctx.vocab_size, ctx.padded_vocab_size)
         if header is None:  # ensure_rollback_point wrote one: only a deleted directory gets here
             raise SetupError(f"rollback requested after iteration {state.iteration}, but {args.save} "
                              "holds no checkpoint any more")
@@ -39,7 +40,7 @@ def make_rollback_fn(ctx, datasets):
         # megatron-core's scheduler.load_state_dict *adds* the saved step count to its own: it
         # expects a fresh scheduler, so give it one.
         ctx.scheduler = optimizer.build_scheduler(args, ctx.optimizer)
-        checkpointing.load_checkpoint(ctx, state, header)
+        ckpt.load_checkpoint(ctx, state, header)
         if request.get("skip_data"):
             state.consumed_train_samples = consumed
         ctx.lr_scale = (request.get("lr_factor", 1.0), state.iteration + 1 + request.get("lr_steps", 0))
