@@ -1,5 +1,6 @@
 """fp16 and bf16 at DP=2 with the distributed optimizer and at TP=2 (torchrun, gloo) against one
-process; an fp16 distributed-optimizer run resumes exactly, with its loss scaler.
+process; an fp16 distributed-optimizer run resumes exactly, with its loss scaler (saved with the
+writes spread over the DP ranks, the default, and read back the same way: --ckpt-fully-parallel-load).
 
 Same model and batches in every layout (CPU initialisation does not depend on the layout); two
 micro-batches per step, one per DP rank. The loss scale must follow the same path (the same
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
     spec += [("fp16_dp2_distopt_saved", base(corpus, "fp16", "--use-distributed-optimizer", "--save",
                                               tmp / "ckpt", "--save-interval", 5)),
              ("fp16_dp2_distopt_resumed", base(corpus, "fp16", "--use-distributed-optimizer", "--load",
-                                                tmp / "ckpt", "--ckpt-step", 5))]
+                                                tmp / "ckpt", "--ckpt-step", 5, "--ckpt-fully-parallel-load"))]
     write_json(tmp / "spec.json", [{"name": n, "argv": [str(a) for a in argv]} for n, argv in spec])
     out = tmp / "out"
     out.mkdir()

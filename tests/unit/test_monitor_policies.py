@@ -139,3 +139,9 @@ def test_update_norm_spikes_are_detected_and_recorded_per_layer(corpus, tmp_path
     measured = [line for line in lines if line["iteration"] == 20][0]
     per_group = measured["update_norm"]
     assert math.sqrt(sum(v * v for v in per_group.values())) == pytest.approx(measured["update_norm_total"], rel=0.05)
+
+
+def test_spikes_are_skipped_in_bf16(corpus):
+    ctx = run_inprocess(tiny_args("--train-iters", 24, "--bf16", *MONITOR, data=corpus), callbacks=[Inject([18], 1e3)])
+    assert [h["iteration"] for h in ctx.history if h["skip_reason"]] == [18]
+    assert [h["skip_reason"] for h in ctx.history if h["skip_reason"]] == [SKIP_MONITOR]
