@@ -47,15 +47,24 @@ def first_burst(values, start=FIRST_STEP):
     return None
 
 
+def jump(values, step):
+    """values[step] / the median of the CONTEXT steps before it (1-based step)."""
+    i = step - 1
+    return values[i] / statistics.median(values[max(0, i - CONTEXT):i])
+
+
 def series(lines, section, key):
     return [line[section][key] if section else line[key] for line in lines]
 
 
 def report(name, lines):
     layers = sorted({k.split("/")[0] for k in lines[0]["grad_norm"] if k.startswith("layer")})
+    grad_total, update_total = series(lines, None, "grad_norm_total"), series(lines, None, "update_norm_total")
+    peak = grad_total.index(max(grad_total[FIRST_STEP:])) + 1
     print(f"== {name}: first step above {FACTOR:g}x the median of the {CONTEXT} steps before")
-    print(f"   total: grad norm {first_burst(series(lines, None, 'grad_norm_total'))}, "
-          f"update norm {first_burst(series(lines, None, 'update_norm_total'))}")
+    print(f"   total: grad norm {first_burst(grad_total)}, update norm {first_burst(update_total)}; at the grad "
+          f"norm's peak (step {peak}): grad x{jump(grad_total, peak):.1f}, update x{jump(update_total, peak):.2f} "
+          f"their medians; update one step before: x{jump(update_total, peak - 1):.2f}")
     for layer in layers:
         grad = [sum(v ** 2 for k, v in l["grad_norm"].items() if k.startswith(layer + "/")) ** 0.5 for l in lines]
         upd = [sum(v ** 2 for k, v in l["update_norm"].items() if k.startswith(layer + "/")) ** 0.5 for l in lines]
@@ -69,9 +78,13 @@ def main() -> int:
     ap.add_argument("--data", default="data/quickstart")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default="runs/update_norm_lead")
+    ap.add_argument("--analyse-only", action="store_true", help="Report on the monitor.jsonl of an earlier run.")
     args = ap.parse_args()
     for name, extra in (("vanilla", []), ("scaled_embed", ["--scaled-embed"])):
-        report(name, run(Path(args.out) / name, args.data, args.steps, extra))
+        out = Path(args.out) / name
+        lines = ([json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
+                 if args.analyse_only else run(out, args.data, args.steps, extra))
+        report(name, lines)
     return 0
 
 
