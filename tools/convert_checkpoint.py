@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     direction.add_argument("--to", choices=["hf"], help="Export the trainer checkpoint to this format.")
     direction.add_argument("--from", dest="from_", choices=["hf"], help="Import from this format.")
     p.add_argument("--ckpt-step", type=int, default=None, help="Export this iteration, not the latest.")
+    p.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="Import into an --output that already holds a trainer run, replacing its checkpoints.")
     args = p.parse_args(argv)
 
     from megatron_patch.export import ExportError
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
                   f"{'tied' if info['tied'] else 'untied'} output layer; folded: "
                   f"{', '.join(info['folded']) or 'nothing'}; tokenizer: {info['tokenizer']})")
         else:
-            info = import_from_hf(args.load, args.output)
+            info = import_from_hf(args.load, args.output, overwrite=args.overwrite_checkpoints)
             print(f"wrote {info['output']} (iteration 0, model only). Continue with:\n"
                   f"  pretrain_gpt.py --load {args.output} {info['flags']} [data/tokenizer/training flags]")
     except (ExportError, SetupError, OSError) as exc:

@@ -58,12 +58,17 @@ def _args_from_gpt2_config(hf) -> dict:
                 tokenizer_type="NullTokenizer", vocab_size=hf.vocab_size - 1)
 
 
-def import_from_hf(hf_dir: str, save_dir: str) -> dict:
+def import_from_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> dict:
     """Write a trainer checkpoint (iteration 0, model only) from a GPT-2 directory. The model is the
     exported function in plain form: WeSaR gates and Scaled Embed stay folded into the weights, so
     the continued run must not pass --wesar / --scaled-embed (see `flags` in the result)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from megatron_patch.training import checkpointing
+
+    if not overwrite and os.path.isfile(os.path.join(save_dir, checkpointing.TRACKER)):
+        raise ExportError(f"--output {save_dir} already holds a trainer run; choose another --output, or pass "
+                          "--overwrite-checkpoints to replace it")
     hf = GPT2Config.from_pretrained(hf_dir)
     if hf.model_type != "gpt2":
         raise ExportError(f"{hf_dir}: model_type {hf.model_type!r}; only GPT-2 directories import")

@@ -64,6 +64,8 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(args, flag) is None:
             raise SetupError(f"--{flag.replace('_', '-')} is required")
+        if getattr(args, flag) < 1:
+            raise SetupError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     initialize.validate_distributed_args(args, world_size)
     model_builder.validate_model_args(args)
     loop.validate_training_args(args)

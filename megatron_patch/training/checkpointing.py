@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint_keys
 from .errors import SetupError
-from .model_builder import activation_name, unwrap
+from .model_builder import activation_name, model_flag_differences, unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -57,6 +57,9 @@ def add_checkpointing_args(parser):
     g.add_argument("--ckpt-fully-parallel-load", action="store_true",
                    help="Read each tensor once, spread over the data-parallel ranks, and exchange "
                         "the pieces (less storage traffic on large DP).")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="Let a fresh run (one not resuming from --save) write into a --save that already "
+                        "holds a run, replacing its checkpoints (refused without this flag).")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM (e.g. Slurm preemption): save a checkpoint and exit cleanly.")
     return parser
@@ -65,6 +68,12 @@ def add_checkpointing_args(parser):
 def validate_checkpointing_args(args) -> None:
     if args.save_interval is not None and args.save_interval <= 0:
         raise SetupError("--save-interval must be > 0")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise SetupError(f"--save {args.save} is a file; give a directory")
+    args.checkpoint_notes = []
+    if args.exit_signal_handler and not args.save:
+        args.checkpoint_notes.append("--exit-signal-handler without --save: on SIGTERM the run stops "
+                                     "without saving anything")
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise SetupError(f"--load {args.load} is not a directory")
     if args.finetune:
@@ -320,6 +329,10 @@ def read_checkpoint_header(args, vocab_size, padded_vocab_size):
             f"vocabulary mismatch: checkpoint {path} has vocab {common['vocab_size']} (padded "
             f"{common['padded_vocab_size']}), this run {vocab_size} (padded {padded_vocab_size}); "
             "use the same tokenizer and --make-vocab-size-divisible-by")
+    differences = model_flag_differences(common["args"], args)
+    if differences:
+        raise SetupError(f"checkpoint {path} was trained with other model flags: {'; '.join(differences)}; "
+                         "resume with the checkpoint's values")
     if not args.no_load_optim and common["has_optimizer"] \
             and common["use_distributed_optimizer"] != args.use_distributed_optimizer:
         raise SetupError("the checkpoint's optimizer state was saved "
@@ -369,6 +382,11 @@ def load_checkpoint(ctx, state, header) -> bool:
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
+        if isinstance(exc, AssertionError) and "OptimizerParamScheduler" in str(exc):
+            raise SetupError(f"checkpoint {path}: this run's lr schedule differs from the checkpoint's "
+                             f"({_first_line(exc).removeprefix('OptimizerParamScheduler: ')}); resume with the "
+                             "checkpoint's --train-iters / --lr-decay-iters / --lr-warmup-iters / --lr, or pass "
+                             "--override-opt_param-scheduler to use this run's") from None
         raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     if _rank0() and notes:
         print(checkpoint_keys.notice(path, notes), flush=True)

@@ -72,9 +72,35 @@ def _blend(paths):
         raise SetupError(f"--data-path {' '.join(paths)}: {exc}") from None
 
 
+def parse_split(split: str):
+    """'969, 30, 1' -> [969.0, 30.0, 1.0] (Megatron-LM's train,valid,test weights); SetupError if not."""
+    try:
+        weights = [float(w) for w in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise SetupError(f"--split {split!r}: expected up to three numbers, e.g. 969,30,1") from None
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise SetupError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
+    return weights + [0.0] * (3 - len(weights))
+
+
 def validate_data_args(args) -> None:
     """Cheap checks on flags and files, before any process group or model exists."""
+    if args.num_workers < 0:
+        raise SetupError(f"--num-workers {args.num_workers}: must be >= 0 (0 loads batches in the trainer)")
+    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        weights = (getattr(args, flag) or [])[0::2] if len(getattr(args, flag) or []) > 1 else []
+        for w in weights:
+            try:
+                bad = float(w) < 0
+            except ValueError:
+                bad = False  # a path: megatron-core's parser names the problem
+            if bad:
+                raise SetupError(f"--{flag.replace('_', '-')}: blend weight {w} is negative; weights must be >= 0")
     per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    split = parse_split(args.split)
+    if (args.data_path or args.mock_data) and split[1] == 0 and args.eval_iters > 0:
+        raise SetupError(f"--split {args.split} leaves no validation data, but --eval-iters {args.eval_iters} "
+                         "asks for it: give the split a validation part, or pass --eval-iters 0")
     if args.mock_data and (args.data_path or any(per_split)):
         raise SetupError("--mock-data and --data-path are exclusive")
     if args.data_path and any(per_split):

@@ -49,6 +49,10 @@ def validate_training_args(args) -> None:
         raise SetupError("--train-iters is required")
     if args.micro_batch_size is None or args.micro_batch_size < 1:
         raise SetupError("--micro-batch-size is required (>= 1)")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        raise SetupError(f"--global-batch-size {args.global_batch_size}: must be >= 1")
+    if args.train_iters < 0:
+        raise SetupError(f"--train-iters {args.train_iters}: must be >= 0")
     step = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = step
@@ -183,7 +187,15 @@ def train_step(ctx, state, iterators):
     for chunk in ctx.model:
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
-    loss = _reduce_loss(_forward_backward(ctx, iterators, forward_only=False))
+    try:
+        loss = _reduce_loss(_forward_backward(ctx, iterators, forward_only=False))
+    except RuntimeError as exc:  # megatron-core's NaN check (check_for_nan_in_grad) while reducing
+        if "Unexpected result" not in str(exc):
+            raise
+        detail = str(exc).split("Unexpected result", 1)[1].strip()
+        raise TrainingDiverged(f"iteration {state.iteration + 1}: megatron-core found non-finite gradients "
+                               f"(result {detail}); the run has diverged; lower --lr, keep --clip-grad on, or "
+                               "let --spike-policy skip such steps") from None
     skip = False
     if ctx.callbacks:
         loss = _loss_on_all_ranks(loss, ctx.runtime.device)

@@ -93,6 +93,51 @@ def validate_model_args(args) -> None:
         raise SetupError("--recompute-granularity full needs --recompute-method uniform|block")
 
 
+# The flags that shape the model or the function it computes, compared when a run resumes from a
+# checkpoint (checkpointing.read_checkpoint_header). Free to change on resume: lr and schedule,
+# batch sizes, intervals, logging, layout (TP/PP/DP), precision, layer implementation, dropout,
+# sequence length, and init-only flags (--init-method-std, --small-init, --init-style, ...),
+# which do nothing once weights are loaded. The vocabulary is checked separately (sizes).
+MODEL_FLAGS = {
+    # flag: effective value from a namespace of (possibly saved) args
+    "--num-layers": lambda a: a.get("num_layers"),
+    "--hidden-size": lambda a: a.get("hidden_size"),
+    "--ffn-hidden-size": lambda a: a.get("ffn_hidden_size") or 4 * a.get("hidden_size"),
+    "--num-attention-heads": lambda a: a.get("num_attention_heads"),
+    "--kv-channels": lambda a: a.get("kv_channels") or a.get("hidden_size") // a.get("num_attention_heads"),
+    "--num-query-groups": lambda a: (a.get("num_query_groups") if a.get("group_query_attention")
+                                     else a.get("num_attention_heads")),
+    "--position-embedding-type": lambda a: a.get("position_embedding_type"),
+    "--max-position-embeddings": lambda a: (a.get("max_position_embeddings")
+                                            if a.get("position_embedding_type") == "learned_absolute" else None),
+    "--rotary-percent": lambda a: a.get("rotary_percent") if a.get("position_embedding_type") == "rope" else None,
+    "--rotary-base": lambda a: a.get("rotary_base") if a.get("position_embedding_type") == "rope" else None,
+    "--normalization": lambda a: a.get("normalization"),
+    "--norm-epsilon": lambda a: a.get("norm_epsilon"),
+    "--apply-residual-connection-post-layernorm": lambda a: bool(a.get("apply_residual_connection_post_layernorm")),
+    "--untie-embeddings-and-output-weights": lambda a: bool(a.get("untie_embeddings_and_output_weights")),
+    "--swiglu": lambda a: bool(a.get("swiglu")),
+    "--disable-bias-linear": lambda a: bool(a.get("disable_bias_linear")),
+    "--qk-layernorm": lambda a: bool(a.get("qk_layernorm")),
+    "--scaled-embed": lambda a: bool(a.get("scaled_embed")),
+    "--embed-layernorm": lambda a: bool(a.get("embed_layernorm")),
+    "--embed-detach-alpha": lambda a: a.get("embed_detach_alpha"),
+    "--wesar": lambda a: bool(a.get("wesar")),
+}
+
+
+def model_flag_differences(saved: dict, args) -> list:
+    """['--flag: checkpoint X, this run Y', ...] for every MODEL_FLAGS entry that differs."""
+    given = vars(args)
+    out = []
+    for flag, value in MODEL_FLAGS.items():
+        old, new = value(saved), value(given)
+        if old != new:
+            show = lambda v: ("given" if v else "not given") if isinstance(v, bool) else v  # noqa: E731
+            out.append(f"{flag}: checkpoint {show(old)}, this run {show(new)}")
+    return out
+
+
 def padded_vocab_size(vocab_size: int, args) -> int:
     """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size

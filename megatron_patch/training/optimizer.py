@@ -65,6 +65,8 @@ def validate_optimizer_args(args, on_cuda: bool) -> None:
     if args.lr is None:
         raise SetupError("--lr is required")
     validate_precision_args(args, on_cuda)
+    if args.clip_grad < 0:
+        raise SetupError(f"--clip-grad {args.clip_grad}: must be >= 0 (0 turns clipping off)")
     if args.min_lr > args.lr:
         raise SetupError(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     if args.start_weight_decay is None:

@@ -82,13 +82,16 @@ def run(argv=None, callbacks=None):
     """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history).
     `callbacks` (see callbacks.py) are called before those the flags ask for (the stability
     monitor), so a test can inject a fault that the monitor must then catch."""
-    from . import checkpointing, initialize
+    from . import checkpointing, initialize, save_dir
     from .loop import train
     from .rollback import ensure_rollback_point, make_rollback_fn
 
     args = parse_and_validate(argv)
     callbacks = list(callbacks or []) + callbacks_from_args(args)
     handler, iters, ctx = None, {}, None
+    lock = save_dir.prepare(args) if _is_rank0() else None  # before any heavy work
+    if lock is not None and lock.notice:
+        print(f" > {args.save}: {lock.notice}", flush=True)
     try:
         # Installed first: a SIGTERM during set-up then stops the run after its first step.
         handler = checkpointing.ExitSignalHandler() if args.exit_signal_handler else None
@@ -121,6 +124,8 @@ def run(argv=None, callbacks=None):
             for it in its or []:
                 it.close()
         initialize.teardown()
+        if lock is not None:
+            lock.__exit__()
 
 
 def main(argv=None, callbacks=None) -> int:

@@ -1,0 +1,115 @@
+"""Mistakes users make every week, each refused in one line before anything is lost: a resume with
+other model flags, a fresh run over a saved run, two trainers on one --save, settings that make
+no sense, a diverging run, a changed schedule; and the clean-up of a crashed save."""
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from megatron_patch.training import save_dir
+from tests.train_helpers import make_corpus, one_error_line, run_inprocess, tiny_args
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("safety") / "data" / "tiny_text_document")
+
+
+@pytest.fixture(scope="module")
+def saved(corpus, tmp_path_factory):
+    """A 4-iteration run (tied embeddings) saved at iteration 4."""
+    root = tmp_path_factory.mktemp("saved") / "ckpt"
+    run_inprocess(tiny_args("--train-iters", 8, "--save", root, "--exit-interval", 4, data=corpus))
+    return root
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--untie-embeddings-and-output-weights"], "--untie-embeddings-and-output-weights: checkpoint not given, "
+                                                "this run given"),
+    (["--scaled-embed"], "--scaled-embed: checkpoint not given, this run given"),
+    (["--num-attention-heads", 8], "--num-attention-heads: checkpoint 4, this run 8"),
+    (["--position-embedding-type", "rope"], "--position-embedding-type: checkpoint learned_absolute, this run rope"),
+    (["--normalization", "RMSNorm", "--swiglu"], "--normalization: checkpoint LayerNorm, this run RMSNorm; "
+                                                 "--swiglu: checkpoint not given, this run given"),
+])
+def test_resume_with_other_model_flags_is_refused_naming_each(corpus, saved, capsys, extra, named):
+    line = one_error_line(capsys, tiny_args("--train-iters", 8, "--load", saved, *extra, data=corpus))
+    assert named in line and "resume with the checkpoint's values" in line
+
+
+def test_flags_free_on_resume_still_resume(corpus, saved):
+    ctx = run_inprocess(tiny_args("--train-iters", 8, "--load", saved, "--init-method-std", 0.5,
+                                  "--log-interval", 2, "--override-opt_param-scheduler", "--lr", 1e-3, data=corpus))
+    assert [h["iteration"] for h in ctx.history] == [5, 6, 7, 8]
+
+
+def test_a_fresh_run_does_not_overwrite_a_saved_run(corpus, saved, capsys):
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, "--save", saved, data=corpus))
+    assert "already holds a run (latest checkpoint: iteration 4)" in line and "--overwrite-checkpoints" in line
+    assert (saved / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_overwrite_checkpoints_lets_a_fresh_run_replace_it(corpus, tmp_path):
+    run_inprocess(tiny_args("--train-iters", 4, "--save", tmp_path, data=corpus))
+    run_inprocess(tiny_args("--train-iters", 3, "--save", tmp_path, "--overwrite-checkpoints", data=corpus))
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
+
+
+def test_a_second_trainer_on_the_same_save_is_refused(corpus, tmp_path, capsys):
+    (tmp_path / save_dir.LOCK).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # a live process
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, "--save", tmp_path, data=corpus))
+    assert f"is in use by another trainer ({socket.gethostname()} pid {os.getppid()}" in line
+
+
+def test_the_lock_of_a_dead_trainer_is_taken_over_and_stale_saves_cleaned(corpus, tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / save_dir.LOCK).write_text(f"{socket.gethostname()} {dead.pid}\n")
+    (tmp_path / "iter_0000007.tmp").mkdir()  # left by a crash inside a save
+    run_inprocess(tiny_args("--train-iters", 3, "--save", tmp_path, data=corpus))
+    assert f"took over the lock of a trainer that is gone ({socket.gethostname()} pid {dead.pid})" in \
+        capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "latest_checkpointed_iteration.txt"]  # lock released
+
+
+def test_save_under_a_file_fails_at_start_up(corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, "--save", tmp_path / "file" / "run", data=corpus))
+    assert "cannot be created" in line
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--clip-grad", -1], "--clip-grad -1.0: must be >= 0"),
+    (["--num-workers", -1], "--num-workers -1: must be >= 0"),
+    (["--split", "100,0,0", "--eval-iters", 5], "leaves no validation data, but --eval-iters 5"),
+    (["--split", "a,b,c"], "--split 'a,b,c': expected up to three numbers"),
+    (["--num-layers", 0], "--num-layers 0: must be >= 1"),
+    (["--global-batch-size", 0], "--global-batch-size 0: must be >= 1"),
+])
+def test_settings_that_make_no_sense_are_refused(corpus, capsys, extra, named):
+    assert named in one_error_line(capsys, tiny_args("--train-iters", 3, *extra, data=corpus))
+
+
+def test_negative_blend_weights_are_refused(corpus, capsys):
+    argv = tiny_args("--train-iters", 3, data=corpus)
+    argv[argv.index("--data-path") + 1:argv.index("--data-path") + 2] = ["0.5", str(corpus), "-0.5", str(corpus)]
+    assert "blend weight -0.5 is negative" in one_error_line(capsys, argv)
+
+
+def test_exit_signal_handler_without_save_is_warned(corpus, capsys):
+    run_inprocess(tiny_args("--train-iters", 3, "--exit-signal-handler", data=corpus))
+    assert "--exit-signal-handler without --save" in capsys.readouterr().out
+
+
+def test_a_diverging_run_reports_its_iteration_in_one_line(corpus, capsys):
+    line = one_error_line(capsys, tiny_args("--train-iters", 10, "--lr", 1e6, "--clip-grad", 0,
+                                            "--lr-warmup-iters", 0, data=corpus))
+    assert "megatron-core found non-finite gradients" in line and "iteration -1" not in line
+    assert line.split("error: iteration ")[1].split(":")[0].isdigit()
+
+
+def test_a_changed_schedule_on_resume_says_how_to_proceed(corpus, saved, capsys):
+    line = one_error_line(capsys, tiny_args("--train-iters", 12, "--load", saved, data=corpus))
+    assert "lr schedule differs from the checkpoint's" in line and "--override-opt_param-scheduler" in line
