@@ -35,6 +35,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_patch import data_identity  # noqa: E402
 from megatron_patch.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
 
 
@@ -348,11 +349,16 @@ def preprocess(args) -> dict:
                             f"{counts['bad']} bad lines); nothing written")
         for prefix, builder in zip(prefixes, builders):
             builder.finalize(prefix + ".idx" + tag)
+        identity = data_identity.tokenizer_identity(
+            args.tokenizer_type, tokenizer.vocab_size, tokenizer_model=args.tokenizer_model,
+            vocab_file=args.vocab_file, merge_file=args.merge_file)
         for prefix in prefixes:  # the .idx last: a prefix "exists" only once both are there
+            data_identity.remove_records(prefix)  # an old dataset's, never left beside the new one
             if os.path.exists(prefix + ".idx"):
                 os.remove(prefix + ".idx")
             os.replace(prefix + ".bin" + tag, prefix + ".bin")
             os.replace(prefix + ".idx" + tag, prefix + ".idx")
+            data_identity.write_tokenizer_identity(prefix, identity)  # what the trainer checks
     except OSError as exc:
         raise DataError(f"I/O error on {exc.filename or args.output_prefix} "
                         f"({exc.strerror or exc}); check the path, free disk space and "

@@ -9,13 +9,11 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from .errors import SetupError
 
 _SPLITS = ("train", "validation", "test")
-_VOCAB_SCAN_TOKENS = 1 << 24  # tokens per data file read to check the vocabulary (~16M)
 
 
 class _MockCacheNoise(logging.Filter):
@@ -159,20 +157,39 @@ def build_tokenizer(args):
 
 
 def check_vocabulary(args, tokenizer) -> None:
-    """Refuse data whose token ids do not fit the tokenizer (data made with another tokenizer)."""
+    """Refuse data made with another tokenizer: its recorded identity (<prefix>.tokenizer.json,
+    written by tools/preprocess_data.py) must match this run's, and no id in the whole .bin may
+    lie past the tokenizer's range (a cached chunked max, see megatron_patch.data_identity).
+    Rank 0 reads the data; the verdict is shared, so every rank stops alike."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    blends = [args.data_blend] + (args.data_blend_per_split or [])
-    for prefix in sorted({p for blend in filter(None, blends) for p in blend[0]}):
-        index = IndexedDataset(prefix, mmap=True)
-        count = min(int(index.sequence_lengths.sum()), _VOCAB_SCAN_TOKENS)
-        tokens = np.memmap(prefix + ".bin", dtype=index.index.dtype, mode="r", shape=(count,)) if count else []
-        top = int(np.max(tokens)) if count else -1
-        if top >= tokenizer.vocab_size:
-            raise SetupError(
-                f"vocabulary mismatch: {prefix}.bin holds token id {top}, but the tokenizer "
-                f"({args.tokenizer_type}) has only {tokenizer.vocab_size} ids; use the tokenizer the "
-                "data was made with")
+    from megatron_patch import data_identity
+
+    problem = ""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        mine = data_identity.tokenizer_identity(args.tokenizer_type, tokenizer.vocab_size,
+                                                tokenizer_model=args.tokenizer_model,
+                                                vocab_file=args.vocab_file, merge_file=args.merge_file)
+        blends = [args.data_blend] + (args.data_blend_per_split or [])
+        for prefix in sorted({p for blend in filter(None, blends) for p in blend[0]}):
+            saved = data_identity.read_tokenizer_identity(prefix)
+            differences = data_identity.identity_differences(saved, mine) if saved else []
+            if differences:
+                problem = (f"{prefix} was made with another tokenizer ({'; '.join(differences)}); use the "
+                           "tokenizer it was made with, or remake the data with tools/preprocess_data.py")
+                break
+            top = data_identity.max_token_id(prefix, IndexedDataset(prefix, mmap=True).index.dtype)
+            if top >= tokenizer.vocab_size:
+                problem = (f"vocabulary mismatch: {prefix}.bin holds token id {top}, but the tokenizer "
+                           f"({args.tokenizer_type}) has only {tokenizer.vocab_size} ids; use the tokenizer "
+                           "the data was made with")
+                break
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise SetupError(problem)
 
 
 def split_sizes(args):

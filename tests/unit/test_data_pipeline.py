@@ -107,6 +107,9 @@ def test_round_trip_through_indexed_dataset(tmp_path, corpus, sp_model, append_e
         assert tokenizer.eod not in ids
         assert tokenizer.detokenize(ids) == text
     assert np.fromfile(prefix + ".bin", dtype=np.uint16).size == sum(map(len, read))
+    identity = json.loads(open(prefix + ".tokenizer.json").read())  # what the trainer checks
+    assert identity["tokenizer_type"] == "SentencePieceTokenizer" and identity["vocab_size"] == tokenizer.vocab_size
+    assert len(identity["files_sha256"]["tokenizer_model"]) == 64
 
 
 def test_plain_text_input_one_document_per_line(tmp_path, sp_model):

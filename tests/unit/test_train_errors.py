@@ -97,3 +97,40 @@ def test_command_line_prints_one_line_and_exits_nonzero(tmp_path):
         assert code == 1, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("pretrain_gpt.py: error: ") and expect in lines[0], err
+
+
+def test_an_id_past_the_vocabulary_anywhere_in_the_data_is_found(tmp_path, capsys):
+    """The whole .bin is scanned (chunked, cached in <prefix>.maxid.json), not only its start."""
+    import json
+
+    from megatron_patch import data_identity
+
+    corpus = make_corpus(tmp_path / "c", 50)
+    with open(corpus + ".bin", "r+b") as f:  # the very last token
+        f.seek(-2, 2)
+        f.write((4000).to_bytes(2, "little"))
+    monkeypatched = data_identity.CHUNK_TOKENS
+    data_identity.CHUNK_TOKENS = 64  # many chunks
+    try:
+        line = one_error_line(capsys, tiny_args("--train-iters", 3, data=corpus))
+    finally:
+        data_identity.CHUNK_TOKENS = monkeypatched
+    assert "token id 4000" in line
+    cache = json.loads(open(corpus + ".maxid.json").read())
+    assert cache["max_id"] == 4000
+    cache["max_id"] = 5  # the cache is used while the .bin is unchanged
+    open(corpus + ".maxid.json", "w").write(json.dumps(cache))
+    assert data_identity.max_token_id(corpus, "uint16") == 5
+
+
+def test_data_recorded_with_another_tokenizer_is_refused(tmp_path, capsys):
+    from megatron_patch import data_identity
+
+    corpus = make_corpus(tmp_path / "c", 50)
+    data_identity.write_tokenizer_identity(corpus, data_identity.tokenizer_identity("NullTokenizer", 301))
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, data=corpus))
+    assert "was made with another tokenizer (vocabulary size 301 vs 201)" in line
+    other = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000, "files_sha256": {"tokenizer_model": "a" * 64}}
+    mine = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000, "files_sha256": {"tokenizer_model": "b" * 64}}
+    assert data_identity.identity_differences(other, mine) == [
+        "tokenizer_model has other contents (sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb)"]
