@@ -59,6 +59,7 @@ def validate_deepspeed_args(args) -> None:
         raise SetupError("--deepspeed needs --deepspeed-config FILE.json (see examples/deepspeed/zero1.json)")
     _refuse_unsupported_flags(args)
     config = _read_json(args.deepspeed_config)
+    _check_keys_and_types(config, args.deepspeed_config)
     _reconcile(config, args)
     args.deepspeed_config_dict = config
     args.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -103,6 +104,64 @@ def _read_json(path) -> dict:
     if not isinstance(config, dict):
         raise SetupError(f"--deepspeed-config {path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+# Sections DeepSpeed 0.19.8 reads outside DeepSpeedConfig's own lookups (or that _reconcile refuses).
+_OTHER_KNOWN_KEYS = {"optimizer", "scheduler", "flops_profiler", "activation_checkpointing", "aio",
+                     "autotuning", "monitor_config"}
+# Values that must be numbers (or "auto"), by path in the JSON.
+_NUMERIC = (("train_batch_size",), ("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",),
+            ("gradient_clipping",), ("zero_optimization", "stage"))
+
+
+def deepspeed_top_level_keys() -> set:
+    """The top-level keys this DeepSpeed reads: recorded while its DeepSpeedConfig parses a minimal
+    config (no process group needed), plus the few sections read elsewhere."""
+    from .engine import import_deepspeed
+
+    import_deepspeed()  # its accelerator choice first
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen = set()
+
+    class Recording(dict):
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+    try:
+        DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    except Exception:  # noqa: BLE001 - whatever it read before failing still counts
+        pass
+    return {k for k in seen if isinstance(k, str)} | _OTHER_KNOWN_KEYS
+
+
+def _check_keys_and_types(config, path) -> None:
+    """A misspelled section would be ignored by DeepSpeed (zero_optimisation: silently ZeRO-0), a
+    string where a number goes would be compared as a string: refuse both in one line."""
+    import difflib
+
+    known = deepspeed_top_level_keys()
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise SetupError(f"{path}: unknown key '{key}' ({hint}DeepSpeed would ignore it); see "
+                             "docs/deepspeed.md")
+    for keys in _NUMERIC:
+        value = config
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if isinstance(value, bool) or (value is not None and value != "auto" and not isinstance(value, (int, float))):
+            raise SetupError(f"{path}: {'.'.join(keys)} must be a number (or \"auto\"), not {json.dumps(value)}")
 
 
 def _reconcile(config, args) -> None:

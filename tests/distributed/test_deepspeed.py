@@ -194,3 +194,22 @@ def test_json_is_completed_from_the_flags(tmp_path):
             config["train_batch_size"], config["gradient_clipping"]) == (2, 2, 8, 1.0)
     assert args.zero_stage == 2 and "fp16" not in config and "bf16" not in config
 
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' (did you mean 'zero_optimization'?"),
+    ({"zero_optimization": {"stage": "2"}}, "zero_optimization.stage must be a number (or \"auto\"), not \"2\""),
+    ({"train_micro_batch_size_per_gpu": "4"}, "train_micro_batch_size_per_gpu must be a number"),
+])
+def test_misspelled_keys_and_string_numbers_are_refused(tmp_path, capsys, config, message):
+    path = tmp_path / "ds.json"
+    write_json(path, config)
+    assert message in one_error_line(capsys, ds_args(path))
+
+
+def test_every_shipped_config_passes_the_key_check():
+    from megatron_patch.deepspeed.config import deepspeed_top_level_keys
+
+    known = deepspeed_top_level_keys()
+    for path in (ROOT / "examples" / "deepspeed").glob("*.json"):
+        assert set(json.loads(path.read_text())) <= known, path
