@@ -3,6 +3,8 @@
 - `<prefix>.tokenizer.json`, written by tools/preprocess_data.py: the tokenizer type, its
   vocabulary size and the sha256 of its files. The trainer refuses data made with another
   tokenizer (another type, size, or other files), even one of the same size.
+- `pair_problem(prefix)`: a truncated or mismatched .bin/.idx pair, found from sizes alone before
+  megatron-core reads it (its reader fails with "buffer is smaller than requested size").
 - `<prefix>.maxid.json`: the largest id in the .bin, found by a chunked max over the memmap (a few
   seconds per GB) and cached, keyed by the .bin's size and mtime, so that only the first run
   pays for it. Ids past the tokenizer's range would otherwise crash training mid-run.
@@ -12,6 +14,7 @@ Both are written atomically (tmp + rename); an unwritable data directory only lo
 import hashlib
 import json
 import os
+import struct
 from typing import Optional
 
 import numpy as np
@@ -100,3 +103,39 @@ def max_token_id(prefix: str, dtype) -> int:
             top = max(top, int(tokens[start:start + CHUNK_TOKENS].max()))
     _write_json(prefix + ".maxid.json", {**key, "max_id": top})
     return top
+
+
+# megatron-core's .idx layout (datasets/indexed_dataset.py): magic, version <Q, dtype code <B,
+# sequence count <Q, document count <Q, then int32 lengths, int64 byte pointers, int64 doc indices.
+_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = len(_MAGIC) + 8 + 1 + 8 + 8
+_ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core's DType codes
+
+
+def pair_problem(prefix: str) -> Optional[str]:
+    """What is inconsistent in <prefix>.bin/.idx (one line), or None."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    idx_size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER)
+        if len(head) < _HEADER or head[:len(_MAGIC)] != _MAGIC:
+            return f"{idx} is not a megatron index (truncated at {idx_size} bytes or another format)"
+        code = head[len(_MAGIC) + 8]
+        sequences, documents = struct.unpack("<QQ", head[len(_MAGIC) + 9:])
+        expected_idx = _HEADER + 12 * sequences + 8 * documents
+        if code not in _ITEM_SIZES or idx_size != expected_idx:
+            return (f"{idx} is truncated or corrupt: {idx_size} bytes, its header ({sequences} sequences, "
+                    f"{documents} documents) needs {expected_idx}")
+        if sequences == 0:
+            return None
+        f.seek(_HEADER + 4 * (sequences - 1))
+        (last_length,) = struct.unpack("<i", f.read(4))
+        f.seek(_HEADER + 4 * sequences + 8 * (sequences - 1))
+        (last_pointer,) = struct.unpack("<q", f.read(8))
+    expected_bin = last_pointer + last_length * _ITEM_SIZES[code]
+    bin_size = os.path.getsize(bin_)
+    if bin_size != expected_bin:
+        return (f"{bin_} has {bin_size} bytes, but {idx} indexes {expected_bin}: "
+                f"{'truncated' if bin_size < expected_bin else 'not the .bin of this index'}; remake it with "
+                "tools/preprocess_data.py")
+    return None

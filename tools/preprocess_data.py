@@ -306,6 +306,23 @@ def batch_builder_class():
     return BatchBuilder
 
 
+def remove_stale_temporaries(prefix: str) -> None:
+    """Remove <prefix>.bin/.idx.tmpPID files of a run that is gone (killed with -9, say): a
+    temporary whose pid is alive belongs to a run still writing, and is left alone."""
+    import glob
+
+    for path in glob.glob(glob.escape(prefix) + ".bin.tmp*") + glob.glob(glob.escape(prefix) + ".idx.tmp*"):
+        pid = path.rsplit(".tmp", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(path)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def preprocess(args) -> dict:
     """Tokenize args.input into the .bin/.idx pairs; returns counts. Raises DataError."""
     check_input(args.input)
@@ -322,6 +339,8 @@ def preprocess(args) -> dict:
                   append_eod=args.append_eod, dtype=dtype)
     builder_class = batch_builder_class()  # imports megatron-core: a few seconds
     tag = f".tmp{os.getpid()}"
+    for prefix in prefixes:
+        remove_stale_temporaries(prefix)
     temps = [p + suffix + tag for p in prefixes for suffix in (".bin", ".idx")]
     counts = dict(documents=0, tokens=0, empty=0, bad=0, first_bad="")
     progress = Progress()

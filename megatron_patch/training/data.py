@@ -108,12 +108,17 @@ def validate_data_args(args) -> None:
     args.data_blend = _blend(args.data_path)
     args.data_blend_per_split = [_blend(p) for p in per_split] if any(per_split) else None
     blends = [args.data_blend] + (args.data_blend_per_split or [])
+    from megatron_patch.data_identity import pair_problem
+
     for blend in filter(None, blends):
         for prefix in blend[0]:
             for ext in (".bin", ".idx"):
                 if not os.path.isfile(prefix + ext):
                     raise SetupError(f"data file {prefix + ext} not found (give the prefix without "
                                      ".bin/.idx; make it with tools/preprocess_data.py)")
+            problem = pair_problem(prefix)
+            if problem:
+                raise SetupError(problem)
     if args.tokenizer_type is None:  # infer from the files given, else refuse
         if args.vocab_file and args.merge_file:
             args.tokenizer_type = "GPT2BPETokenizer"

@@ -380,3 +380,14 @@ def test_prepare_corpus_errors(tmp_path, monkeypatch):
     message = error_of(prepare_corpus.main, ["--cache-dir", tmp_path / "cache", "--output", out])
     assert "expected 185348a4" in message
     assert not out.exists() and os.listdir(tmp_path / "cache") == []
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, corpus, sp_model):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [tmp_path / f"out_text_document.bin.tmp{dead.pid}", tmp_path / f"out_text_document.idx.tmp{dead.pid}"]
+    live = tmp_path / f"out_text_document.bin.tmp{os.getppid()}"  # a run still writing: left alone
+    for path in stale + [live]:
+        path.write_bytes(b"partial")
+    preprocess(tmp_path, corpus, sp_model)
+    assert not any(p.exists() for p in stale) and live.exists()

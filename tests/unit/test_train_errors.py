@@ -134,3 +134,17 @@ def test_data_recorded_with_another_tokenizer_is_refused(tmp_path, capsys):
     mine = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000, "files_sha256": {"tokenizer_model": "b" * 64}}
     assert data_identity.identity_differences(other, mine) == [
         "tokenizer_model has other contents (sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb)"]
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("bin", "has 1494 bytes, but"), ("idx", "is truncated or corrupt"), ("magic", "is not a megatron index"),
+])
+def test_truncated_or_corrupt_data_files_are_named(tmp_path, capsys, damage, named):
+    corpus = make_corpus(tmp_path / "c", 20, seed=3)
+    path = corpus + (".bin" if damage == "bin" else ".idx")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-10] if damage != "magic" else b"XXXX" + data[4:])
+    if damage == "bin":
+        named = f"has {len(data) - 10} bytes, but"
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, data=corpus))
+    assert named in line and path.rsplit(".", 1)[0] in line
