@@ -66,6 +66,13 @@ def import_from_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> dict:
 
     from megatron_patch.training import checkpointing
 
+    if not os.path.isdir(hf_dir):
+        raise ExportError(f"--load {hf_dir}: no such directory (a Hugging Face model directory with config.json)")
+    if os.path.isfile(os.path.join(hf_dir, checkpointing.TRACKER)) or os.path.isfile(os.path.join(hf_dir, "common.pt")):
+        raise ExportError(f"--load {hf_dir} is a trainer checkpoint, not a Hugging Face directory; export it "
+                          "with --to hf, or resume it with pretrain_gpt.py --load")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ExportError(f"--load {hf_dir} has no config.json: not a Hugging Face model directory")
     if not overwrite and os.path.isfile(os.path.join(save_dir, checkpointing.TRACKER)):
         raise ExportError(f"--output {save_dir} already holds a trainer run; choose another --output, or pass "
                           "--overwrite-checkpoints to replace it")

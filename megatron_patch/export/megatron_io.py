@@ -93,7 +93,7 @@ def load_model(load_dir: str, step=None):
     except SetupError:
         raise
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
-        raise SetupError(f"cannot load {path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+        raise SetupError(f"cannot load {path}: {checkpointing.describe_load_failure(exc)}") from None
     if notes:
         print(checkpoint_keys.notice(path, notes), file=sys.stderr, flush=True)
     return model.float().eval(), args, common

@@ -41,6 +41,7 @@ def load_sharded(sharded_state_dict: dict, path: str, strategy=None):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    _refuse_shape_mismatches(sharded_state_dict, path)
     # megatron-core's naming: "unexpected" = requested but absent from the checkpoint (removed from
     # the request), "missing" = in the checkpoint but not requested.
     loaded, in_checkpoint_only, absent = dist_checkpointing.load(
@@ -59,6 +60,51 @@ def load_sharded(sharded_state_dict: dict, path: str, strategy=None):
     if model_extra:
         notes.append(f"extra state of {_module_names(model_extra)} (not in the checkpoint: left as initialised)")
     return loaded, notes
+
+
+# Which flag most likely makes a model tensor's shape differ, by a piece of its key.
+_SHAPE_FLAGS = (("word_embeddings", "the vocabulary (tokenizer, --make-vocab-size-divisible-by)"),
+                ("output_layer", "the vocabulary (tokenizer, --make-vocab-size-divisible-by)"),
+                ("position_embeddings", "--max-position-embeddings"),
+                ("linear_qkv", "--num-attention-heads / --kv-channels / --num-query-groups"),
+                ("linear_proj", "--num-attention-heads / --kv-channels"),
+                ("linear_fc1", "--ffn-hidden-size / --swiglu"), ("linear_fc2", "--ffn-hidden-size"),
+                ("decoder.layers.", "--num-layers"))
+
+
+def _refuse_shape_mismatches(sharded_state_dict, path) -> None:
+    """Name model tensors whose global shape differs from the checkpoint's (megatron-core would
+    only say "CheckpointException ranks: ..."), with the flag that probably differs."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    wanted, _ = extract_sharded_tensors(sharded_state_dict)
+    seen, wrong = set(), []
+    for tensor in _leaves(wanted):
+        if not isinstance(tensor, ShardedTensor) or tensor.key.startswith("optimizer.") or tensor.key in seen:
+            continue
+        seen.add(tensor.key)
+        old = saved.get(tensor.key)
+        if old is not None and tuple(old.global_shape) != tuple(tensor.global_shape):
+            flag = next((f for piece, f in _SHAPE_FLAGS if piece in tensor.key), "--hidden-size")
+            wrong.append(f"{tensor.key} is {tuple(old.global_shape)} in the checkpoint, {tuple(tensor.global_shape)} "
+                         f"here (check {flag})")
+    if wrong:
+        raise SetupError(f"checkpoint {path} does not fit this model: {'; '.join(wrong[:3])}"
+                         + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _leaves(value)
+    else:
+        yield tree
 
 
 def _has_content(extra_state) -> bool:

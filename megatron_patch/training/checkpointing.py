@@ -387,7 +387,7 @@ def load_checkpoint(ctx, state, header) -> bool:
                              f"({_first_line(exc).removeprefix('OptimizerParamScheduler: ')}); resume with the "
                              "checkpoint's --train-iters / --lr-decay-iters / --lr-warmup-iters / --lr, or pass "
                              "--override-opt_param-scheduler to use this run's") from None
-        raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise SetupError(f"cannot load checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None
     if _rank0() and notes:
         print(checkpoint_keys.notice(path, notes), flush=True)
     if load_rng:
@@ -402,6 +402,29 @@ def load_checkpoint(ctx, state, header) -> bool:
         print(f" > loaded checkpoint {path} (iteration {common['iteration']}, "
               f"optimizer {'yes' if load_optim else 'no'}, rng {'yes' if load_rng else 'no'})", flush=True)
     return True
+
+
+def describe_load_failure(exc) -> str:
+    """One line for a failed load: torch's CheckpointException only says which ranks failed, so
+    name the first rank's own exception (a truncated .distcp, a missing shard, ...)."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        if isinstance(inner, EOFError):
+            return f"rank {rank}: a tensor file (.distcp) ended early: truncated (EOFError)"
+        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
+    if type(exc).__name__ in ("UnpicklingError", "EOFError"):
+        return f"its .metadata or common.pt is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _earlier_hint(path) -> str:
+    """'; earlier checkpoints: 2, 4 (--ckpt-step N)' when the same directory has others."""
+    root, name = os.path.split(path.rstrip("/"))
+    others = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit()
+                    and d != name)
+    return f"; earlier checkpoints: {', '.join(map(str, others))} (resume one with --ckpt-step N)" if others else ""
 
 
 def _first_line(exc):

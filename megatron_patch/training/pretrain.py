@@ -82,11 +82,12 @@ def run(argv=None, callbacks=None):
     """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history).
     `callbacks` (see callbacks.py) are called before those the flags ask for (the stability
     monitor), so a test can inject a fault that the monitor must then catch."""
-    from . import checkpointing, initialize, save_dir
+    from . import checkpointing, child_processes, initialize, save_dir
     from .loop import train
     from .rollback import ensure_rollback_point, make_rollback_fn
 
     args = parse_and_validate(argv)
+    child_processes.die_with_parent()  # forked checkpoint writers and loaders must not outlive us
     callbacks = list(callbacks or []) + callbacks_from_args(args)
     handler, iters, ctx = None, {}, None
     lock = save_dir.prepare(args) if _is_rank0() else None  # before any heavy work

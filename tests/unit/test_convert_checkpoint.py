@@ -175,3 +175,15 @@ def test_fused_gelu_checkpoint_exports_as_tanh_gelu(tmp_path):
     export_to_hf(str(tmp_path / "gpu"), str(tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "gelu_new"
     torch.testing.assert_close(hf_logits(tmp_path / "hf"), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_import_names_what_is_wrong_with_its_input(exported, tmp_path):
+    run = exported["vanilla"]
+    for source, named in ((tmp_path / "missing", "no such directory"),
+                          (run["ckpt"], "is a trainer checkpoint, not a Hugging Face directory"),
+                          (tmp_path, "has no config.json")):
+        with pytest.raises(ExportError, match=named):
+            import_from_hf(str(source), str(tmp_path / "out"))
+    with pytest.raises(ExportError, match="already holds a trainer run"):  # would move its tracker back
+        import_from_hf(str(run["hf"]), str(run["ckpt"]))
+    assert (run["ckpt"] / "latest_checkpointed_iteration.txt").read_text() == "3"

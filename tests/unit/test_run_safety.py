@@ -113,3 +113,37 @@ def test_a_diverging_run_reports_its_iteration_in_one_line(corpus, capsys):
 def test_a_changed_schedule_on_resume_says_how_to_proceed(corpus, saved, capsys):
     line = one_error_line(capsys, tiny_args("--train-iters", 12, "--load", saved, data=corpus))
     assert "lr schedule differs from the checkpoint's" in line and "--override-opt_param-scheduler" in line
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("metadata", "its .metadata or common.pt is truncated or corrupt"),
+    ("distcp", "a tensor file (.distcp) ended early: truncated"),
+])
+def test_a_damaged_checkpoint_is_named_with_the_earlier_ones(corpus, tmp_path, capsys, damage, named):
+    root = tmp_path / "ckpt"
+    run_inprocess(tiny_args("--train-iters", 4, "--save", root, "--save-interval", 2, data=corpus))
+    target = root / "iter_0000004" / ".metadata" if damage == "metadata" else \
+        sorted((root / "iter_0000004").glob("*.distcp"))[0]
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    line = one_error_line(capsys, tiny_args("--train-iters", 6, "--load", root, data=corpus))
+    assert named in line and "earlier checkpoints: 2 (resume one with --ckpt-step N)" in line
+
+
+def test_a_shape_that_differs_is_named_with_the_flag(corpus, saved, capsys):
+    from megatron_patch.export import megatron_io
+    from megatron_patch.training.errors import SetupError
+
+    # The trainer compares flags first; the loader itself (evaluate, export) names the tensor.
+    _, common = megatron_io.read_common(str(saved))
+    args = megatron_io.args_from_saved({**common["args"], "ffn_hidden_size": 96})
+    megatron_io.start_single_process(args)
+    try:
+        model = megatron_io.build_model(args, common["padded_vocab_size"])
+        from megatron_patch.training import checkpoint_keys
+
+        path, _ = megatron_io.read_common(str(saved))
+        with pytest.raises(SetupError, match=r"decoder.layers.mlp.linear_fc1.weight is \(2, 256, 64\) in the "
+                                             r"checkpoint, \(2, 96, 64\) here \(check --ffn-hidden-size"):
+            checkpoint_keys.load_sharded({"model0": model.sharded_state_dict()}, path)
+    finally:
+        megatron_io.stop()
