@@ -15,6 +15,7 @@ import json
 import os
 
 from megatron_patch.training import checkpointing as ckpt
+from megatron_patch.training import rng_state
 from megatron_patch.training.errors import SetupError
 
 FORMAT = "megatron_patch.deepspeed"
@@ -34,7 +35,7 @@ def save_checkpoint(ctx, state) -> str:
     """Write iteration `state.iteration` atomically; returns the final directory."""
     args, engine = ctx.args, ctx.model[0]
     final, tmp = ckpt.begin_save(args.save, state.iteration)
-    client = {CLIENT_KEY: {"opt_param_scheduler": ctx.scheduler.state_dict(), "rng_state": ckpt._rng_state()}}
+    client = {CLIENT_KEY: {"opt_param_scheduler": ctx.scheduler.state_dict(), "rng_state": rng_state.capture()}}
     engine.save_checkpoint(args.save, tag=os.path.basename(tmp), client_state=client, save_latest=False)
     if ckpt._rank0():
         path = os.path.join(tmp, ckpt.DEEPSPEED_METADATA)
@@ -92,7 +93,7 @@ def load_checkpoint(ctx, state, header) -> bool:
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {ckpt._first_line(exc)}") from None
-    rng_notice = ckpt._set_rng_state(client[CLIENT_KEY]["rng_state"], ctx.args.seed, ctx.args.data_parallel_random_init)
+    rng_notice = rng_state.restore(client[CLIENT_KEY]["rng_state"], ctx.args.seed, ctx.args.data_parallel_random_init)
     if rng_notice and ckpt._rank0():
         print(f" > {rng_notice}", flush=True)
     state.iteration = meta["iteration"]

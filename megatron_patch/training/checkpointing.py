@@ -14,14 +14,12 @@ Checkpoints of Transformer Engine and of local layers load into each other (chec
 """
 
 import os
-import random
 import shutil
 import signal
 
-import numpy as np
 import torch
 
-from . import checkpoint_keys
+from . import checkpoint_keys, rng_state
 from .errors import SetupError
 from .model_builder import activation_name, model_flag_differences, unwrap
 
@@ -100,58 +98,6 @@ def _layout():
             "dp": ps.get_data_parallel_world_size()}
 
 
-def _rng_device() -> str:
-    """Where the device RNG states (torch.cuda's, megatron's tracker) live in this process."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rng_state():
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states(), "device": _rng_device()}
-
-
-def _set_rng_state(state, seed: int, data_parallel_random_init: bool):
-    """Restore the RNG states. The host streams (python, numpy, torch's CPU generator) always;
-    the device streams (torch.cuda's and megatron's tracker, which forks dropout per TP rank)
-    only when saved on this device type: a CPU generator state is no CUDA one, nor the reverse.
-    Then the tracker is reseeded from the run's seed as at start-up, with a notice."""
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["random"])
-    np.random.set_state(state["np"])
-    torch.set_rng_state(state["torch"])
-    saved_device = state.get("device") or ("cpu" if state["cuda"] is None else "cuda")
-    if saved_device != _rng_device():
-        from .initialize import seed_device_rng
-
-        seed_device_rng(seed, data_parallel_random_init)
-        return (f"RNG states were saved on {saved_device}, this run is on {_rng_device()}: device RNG "
-                f"(dropout) reseeded from --seed {seed}; host RNG restored")
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-    return None
-
-
-def _sharded_rng(per_dp_rank):
-    """One RNG state per (PP, TP) rank, shared by DP replicas; per DP rank too when the ranks'
-    streams differ (--data-parallel-random-init seeds each DP rank differently)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    shape = [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()]
-    offset = [ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()]
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    if per_dp_rank:
-        shape.append(ps.get_data_parallel_world_size(with_context_parallel=True))
-        offset.append(dp_rank)
-    return ShardedObject("rng_state", _rng_state(), tuple(shape), tuple(offset),
-                         replica_id=0 if per_dp_rank else dp_rank)
-
-
 def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading, metadata):
     from megatron_patch.compat import distributed_optimizer as dopt_fix
 
@@ -161,7 +107,7 @@ def _sharded_state_dict(ctx, with_optimizer, with_rng, is_loading, metadata):
         sd["optimizer"] = ctx.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
         sd["opt_param_scheduler"] = ctx.scheduler.state_dict()
     if with_rng:
-        sd["rng_state"] = _sharded_rng(ctx.args.data_parallel_random_init)
+        sd["rng_state"] = rng_state.sharded(ctx.args.data_parallel_random_init)
     return sd
 
 
@@ -391,7 +337,7 @@ def load_checkpoint(ctx, state, header) -> bool:
     if _rank0() and notes:
         print(checkpoint_keys.notice(path, notes), flush=True)
     if load_rng:
-        rng_notice = _set_rng_state(loaded["rng_state"], args.seed, args.data_parallel_random_init)
+        rng_notice = rng_state.restore(loaded["rng_state"], args.seed, args.data_parallel_random_init)
         if rng_notice and _rank0():
             print(f" > {rng_notice}", flush=True)
     if not args.finetune:

@@ -42,9 +42,9 @@ def test_te_checkpoint_resumes_on_local_layers_and_back(corpus, tmp_path, capsys
 
 
 def test_cpu_checkpoint_resumes_on_the_gpu_with_reseeded_dropout(corpus, tmp_path, monkeypatch, capsys):
-    from megatron_patch.training import checkpointing
+    from megatron_patch.training import rng_state
 
-    monkeypatch.setattr(checkpointing, "_rng_device", lambda: "cpu")  # as a CPU run saves it
+    monkeypatch.setattr(rng_state, "device", lambda: "cpu")  # as a CPU run saves it
     run_inprocess(tiny_args("--train-iters", 6, "--hidden-dropout", 0.1, "--save", tmp_path / "cpu",
                             "--exit-interval", 3, data=corpus))
     monkeypatch.undo()

@@ -140,10 +140,10 @@ def test_rng_saved_on_another_device_is_reseeded(corpus, tmp_path, monkeypatch, 
     the GPU's dropout garbage. The device streams are reseeded from --seed instead."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_patch.training import checkpointing, initialize
+    from megatron_patch.training import initialize, rng_state
 
     dropout = ("--hidden-dropout", 0.1, "--attention-dropout", 0.1)  # so the tracker's states move
-    monkeypatch.setattr(checkpointing, "_rng_device", lambda: "cuda")  # as saved by a GPU run
+    monkeypatch.setattr(rng_state, "device", lambda: "cuda")  # as saved by a GPU run
     run(corpus, *dropout, "--save", tmp_path / "gpu", "--exit-interval", 3, iters=4)
     monkeypatch.undo()
 
