@@ -58,6 +58,10 @@ class StabilityConfig(TransformerConfig):
     """[WeSaR] the common std of every gated W. None = init_method_std (so the gates of QKV/fc1
     start at 1 and those of W_O/W_2 at 1/sqrt(2N) under scaled init)."""
 
+    z_loss_coeff: float = 0.0
+    """z-loss (PaLM §5; advised by the latest [SNM] version): add z_loss_coeff * (log Z)^2 per
+    token, Z the softmax normaliser of the LM head's logits (megatron_patch/z_loss.py). 0 = off."""
+
     def __post_init__(self):
         self._validate_stability_options()
         if self.small_init:
@@ -94,6 +98,7 @@ class StabilityConfig(TransformerConfig):
     def uses_stability_options(self) -> bool:
         return bool(
             self.embedding_fix or self.wesar or self.init_style != "scaled" or self.small_init
+            or self.z_loss_coeff
         )
 
     def _validate_stability_options(self):
@@ -118,6 +123,8 @@ class StabilityConfig(TransformerConfig):
             fail("init_style='plain' sets output_layer_init_method itself; do not pass both")
         if self.wesar and self.wesar_init_std is not None and self.wesar_init_std <= 0:
             fail(f"wesar_init_std must be > 0, got {self.wesar_init_std}")
+        if self.z_loss_coeff < 0:
+            fail(f"z_loss_coeff must be >= 0, got {self.z_loss_coeff}")
         if self.wesar and self.gradient_accumulation_fusion:
             fail("wesar computes alpha*W on the fly; turn off gradient_accumulation_fusion")
         if self.uses_stability_options:
@@ -152,6 +159,9 @@ def add_stability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="WeSaR: trainable scalar gate per weight matrix, W_bar = alpha * W.")
     g.add_argument("--wesar-init-std", type=float, default=None,
                    help="Common init std of every gated matrix (default: the init std).")
+    g.add_argument("--z-loss-coeff", type=float, default=0.0, metavar="C",
+                   help="z-loss: add C * (log Z)^2 per token, Z the softmax normaliser of the logits "
+                        "(PaLM, OLMo; e.g. 1e-4). Logged apart as 'z loss'. 0: off.")
     g.add_argument("--no-embedding-weight-decay", action="store_true",
                    help="Exclude the embedding tables from weight decay.")
     return parser
@@ -172,4 +182,5 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
         embed_detach_alpha=args.embed_detach_alpha,
         wesar=args.wesar,
         wesar_init_std=args.wesar_init_std,
+        z_loss_coeff=getattr(args, "z_loss_coeff", 0.0),
     )

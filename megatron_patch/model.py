@@ -5,7 +5,8 @@ substitutions, each only when its option asks for it:
   - WeSaR linears for QKV / proj / fc1 / fc2 (config.wesar), via the spec's submodules;
   - a sequence-parallel-capable torch norm where upstream's torch norm would refuse
     sequence_parallel (no apex, or RMSNorm);
-  - the [SNM] embedding stabilizer, attached to the embedding after build.
+  - the [SNM] embedding stabilizer, attached to the embedding after build;
+  - the z-loss, attached to the LM loss after build (z_loss.py).
 With no option on, the spec and the model are exactly upstream's.
 """
 
@@ -30,6 +31,7 @@ from .config import StabilityConfig, StabilityConfigError
 from .embedding import attach_embedding_stabilizer
 from .norm import local_norm_class, upstream_local_norm_class
 from .wesar import WeSaRColumnParallelLinear, WeSaRRowParallelLinear
+from .z_loss import attach_z_loss
 
 
 def default_transformer_impl() -> str:
@@ -124,4 +126,6 @@ def build_gpt_model(
     )
     if pre_process and getattr(config, "embedding_fix", None):
         attach_embedding_stabilizer(model.embedding, config, embedding_norm_class(config, transformer_impl))
+    if post_process and getattr(config, "z_loss_coeff", 0.0):
+        attach_z_loss(model, config.z_loss_coeff)
     return model

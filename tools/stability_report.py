@@ -34,9 +34,10 @@ VARIANTS = {
     "embed_layernorm": dict(embed_layernorm=True),
     "scaled_embed": dict(scaled_embed=True),
     "wesar": dict(wesar=True),
+    "qk_layernorm": dict(qk_layernorm=True),  # megatron-core's QK-norm (OLMo-core's, peers')
 }
 NO_FIX = dict(scaled_embed=False, embed_layernorm=False, embed_detach_alpha=None, wesar=False,
-              wesar_init_std=None, init_style="scaled")
+              wesar_init_std=None, init_style="scaled", qk_layernorm=False, z_loss_coeff=0.0)
 
 
 def parse_args(argv=None):
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--only-configured", action="store_true", help="report only the configured model")
+    g.add_argument("--qk-layernorm", action="store_true", help="LayerNorm on queries and keys (megatron-core).")
     add_stability_args(p)
     return p.parse_args(argv)
 
@@ -112,7 +114,7 @@ def print_variant(name, loss, rows):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        configured = stability_kwargs(args)
+        configured = {**stability_kwargs(args), "qk_layernorm": args.qk_layernorm}
         StabilityConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
                         num_attention_heads=args.num_attention_heads, **configured)
     except StabilityConfigError as e:

@@ -210,6 +210,7 @@ def train_step(ctx, state, iterators):
                 StepState(state.iteration + 1, ctx.model, ctx.optimizer, args, loss=mean))
         with ctx.optimizer.update_vetoed() if vetoed else contextlib.nullcontext():
             engine.step()  # a no-op until the last micro-batch
+    ctx.z_loss = _reduce_loss(reports, "z loss")  # None with the z-loss off
     if vetoed:
         return _reduce_loss(reports), None, SKIP_MONITOR
     applied = engine.was_step_applied()

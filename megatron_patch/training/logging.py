@@ -100,6 +100,7 @@ class TrainingLogger:
 
     def _reset_interval(self):
         self.loss_sum, self.loss_count, self.nans = 0.0, 0, 0
+        self.z_sum, self.z_count = 0.0, 0
         self.skipped = {}  # skip reason -> count (see loop.train_step)
         self.time_sum, self.iters = 0.0, 0
 
@@ -115,7 +116,7 @@ class TrainingLogger:
             self.wandb.log({tag: value}, step=step)
 
     def log_iteration(self, iteration, consumed_samples, loss, lr, loss_scale, grad_norm, skip_reason,
-                      step_time):
+                      step_time, z_loss=None):
         """Accumulate one iteration; print every --log-interval. `loss` is None off the last stage;
         `skip_reason` None for an applied update, else why it was skipped (loop.SKIP_*).
 
@@ -133,11 +134,15 @@ class TrainingLogger:
         elif loss is not None:
             self.loss_sum += loss
             self.loss_count += 1
+            if z_loss is not None:
+                self.z_sum, self.z_count = self.z_sum + z_loss, self.z_count + 1
         if self.is_logging_rank and iteration % args.tensorboard_log_interval == 0:
             self.log_scalar("learning-rate", lr, iteration)
             self.log_scalar("batch-size", args.global_batch_size, iteration)
             if loss is not None and not skipped:
                 self.log_scalar("lm loss", loss, iteration)
+                if z_loss is not None:
+                    self.log_scalar("z loss", z_loss, iteration)
             self.log_scalar("loss-scale", loss_scale, iteration)
             if grad_norm is not None:
                 self.log_scalar("grad-norm", grad_norm, iteration)
@@ -159,6 +164,8 @@ class TrainingLogger:
                     f" global batch size: {args.global_batch_size:5d} |")
             if self.loss_count:
                 line += f" lm loss: {self.loss_sum / self.loss_count:.6E} |"
+            if self.z_count:
+                line += f" z loss: {self.z_sum / self.z_count:.6E} |"
             line += f" loss scale: {loss_scale:.1f} |"
             if grad_norm is not None:
                 line += f" grad norm: {grad_norm:.3f} |"

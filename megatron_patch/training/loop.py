@@ -96,21 +96,33 @@ class TrainContext:
     resumed: bool = False  # loaded a checkpoint
 
 
-def loss_func(loss_mask, output_tensor):
-    """Token-summed loss + token count (megatron-core's 3-tuple: it divides by both counts)."""
+def loss_func(loss_mask, output_tensor, model=None):
+    """Token-summed loss + token count (megatron-core's 3-tuple: it divides by both counts).
+    With the z-loss on, the loss back-propagated includes it, and the reports hold the
+    cross-entropy ("lm loss") and the z-loss ("z loss") apart."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    report = torch.cat([loss.detach().view(1), mask.sum().detach().view(1)])
-    return loss, num_tokens, {"lm loss": report}
+    from .model_builder import unwrap
+
+    z = getattr(unwrap(model), "z_loss_per_token", None) if model is not None else None
+    reports = {}
+    if z is not None:
+        z_sum = torch.sum(z.float().reshape(-1) * mask)
+        reports["z loss"] = torch.cat([z_sum.view(1), mask.sum().detach().view(1)])
+        lm = loss.detach() - z_sum
+    else:
+        lm = loss.detach()
+    reports["lm loss"] = torch.cat([lm.view(1), mask.sum().detach().view(1)])
+    return loss, num_tokens, reports
 
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], model=model)
 
 
 def wire_schedule_config(ctx) -> None:
@@ -156,13 +168,14 @@ def _forward_backward(ctx, iterators, forward_only):
         forward_only=forward_only)
 
 
-def _reduce_loss(losses_reduced) -> Optional[float]:
-    """Token-weighted mean over micro-batches and DP ranks; None off the last pipeline stage."""
+def _reduce_loss(losses_reduced, key="lm loss") -> Optional[float]:
+    """Token-weighted mean of a report over micro-batches and DP ranks; None off the last
+    pipeline stage (or when the report is not there: "z loss" with the z-loss off)."""
     from megatron.core import parallel_state
 
-    if not losses_reduced:
+    if not losses_reduced or key not in losses_reduced[0]:
         return None
-    total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(0)
+    total = torch.stack([d[key] for d in losses_reduced]).sum(0)
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -188,7 +201,9 @@ def train_step(ctx, state, iterators):
         chunk.zero_grad_buffer()
     ctx.optimizer.zero_grad()
     try:
-        loss = _reduce_loss(_forward_backward(ctx, iterators, forward_only=False))
+        reports = _forward_backward(ctx, iterators, forward_only=False)
+        loss = _reduce_loss(reports)
+        ctx.z_loss = _reduce_loss(reports, "z loss") if ctx.config.z_loss_coeff else None
     except RuntimeError as exc:  # megatron-core's NaN check (check_for_nan_in_grad) while reducing
         if "Unexpected result" not in str(exc):
             raise
@@ -300,9 +315,10 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
         loss_scale = float(ctx.optimizer.get_loss_scale())
         grad_norm = None if grad_norm is None else float(grad_norm)
         ctx.history.append({"iteration": state.iteration, "loss": loss, "grad_norm": grad_norm,
-                            "lr": lr, "loss_scale": loss_scale, "skipped": skipped, "skip_reason": skip_reason})
+                            "lr": lr, "loss_scale": loss_scale, "skipped": skipped, "skip_reason": skip_reason,
+                            "z_loss": getattr(ctx, "z_loss", None)})
         log.log_iteration(state.iteration, state.consumed_train_samples, loss, lr, loss_scale,
-                          grad_norm, skip_reason, step_time)
+                          grad_norm, skip_reason, step_time, z_loss=getattr(ctx, "z_loss", None))
         skipped_in_a_row = skipped_in_a_row + [skip_reason] if skipped else []
         if args.max_consecutive_skipped_iterations and len(skipped_in_a_row) >= args.max_consecutive_skipped_iterations:
             raise TrainingDiverged(_diverged_message(state, skipped_in_a_row, loss, last_saved))

@@ -1,4 +1,5 @@
-"""torchrun --nproc-per-node 2 worker: each option at TP=2 (and TP=2 + SP) equals TP=1.
+"""torchrun --nproc-per-node 2 worker: each option at TP=2 (and TP=2 + SP) equals TP=1, and so
+does the model's own loss with the z-loss (a logsumexp over the vocabulary-parallel logits).
 
 Builds the same model (CPU init, same seed) once with tensor parallelism 1 and once with 2,
 runs the same batch, and compares the gathered logits, the per-token loss, and the gradients of
@@ -53,10 +54,32 @@ def run(tp: int, options: dict):
     return logits.detach(), loss.detach(), gates
 
 
+def run_z_loss(tp: int, coeff=0.05):
+    """The model's own loss (vocab-parallel cross-entropy + z-loss over the TP-split logits)."""
+    teardown()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(0)
+    cfg = StabilityConfig(**SHAPE, tensor_model_parallel_size=tp, z_loss_coeff=coeff)
+    model = build_gpt_model(cfg, VOCAB, SEQ, share_embeddings_and_output_weights=False)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    loss = model(ids, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=ids)  # [b, s]
+    loss.mean().backward()
+    return loss.detach(), model.z_loss_per_token, model.decoder.final_layernorm.weight.grad.clone()
+
+
 def main():
     dist.init_process_group("gloo")
     cpu.enable()
     failures = 0
+    (loss1, z1, grad1), (loss2, z2, grad2) = run_z_loss(1), run_z_loss(2)
+    ok = torch.allclose(loss1, loss2, atol=LOGIT_ATOL) and torch.allclose(z1, z2, atol=LOGIT_ATOL) \
+        and torch.allclose(grad1, grad2, rtol=GRAD_RTOL, atol=1e-9) and bool(z1.min() > 0)
+    if dist.get_rank() == 0:
+        print(f"{'OK  ' if ok else 'FAIL'} z_loss: max|loss TP1-TP2|={(loss1 - loss2).abs().max().item():.2e} "
+              f"max|grad|={(grad1 - grad2).abs().max().item():.2e}")
+    failures += not ok
     for name, options in CASES.items():
         logits1, loss1, gates1 = run(1, options)
         logits2, loss2, gates2 = run(2, options)

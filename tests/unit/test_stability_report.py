@@ -37,3 +37,11 @@ def test_contradictory_flags_exit_with_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.main(ARGS + ["--scaled-embed", "--embed-layernorm"])
     assert "one embedding treatment" in str(exit_info.value.code)
+
+
+def test_qk_layernorm_is_a_variant_of_the_report(mcore):
+    assert report.VARIANTS["qk_layernorm"] == {"qk_layernorm": True}
+    args = report.parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                              "--seq-length", "8", "--vocab-size", "64", "--qk-layernorm"])
+    _, rows = report.measure(args, {"qk_layernorm": True})
+    assert len(rows) == 2 and all(r["g_qkv"] > 0 for r in rows)
