@@ -319,14 +319,16 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
                             "z_loss": getattr(ctx, "z_loss", None)})
         log.log_iteration(state.iteration, state.consumed_train_samples, loss, lr, loss_scale,
                           grad_norm, skip_reason, step_time, z_loss=getattr(ctx, "z_loss", None))
-        skipped_in_a_row = skipped_in_a_row + [skip_reason] if skipped else []
-        if args.max_consecutive_skipped_iterations and len(skipped_in_a_row) >= args.max_consecutive_skipped_iterations:
+        limit = args.max_consecutive_skipped_iterations
+        skipped_in_a_row = skipped_in_a_row + [skip_reason] if skipped and limit else []
+        if limit and len(skipped_in_a_row) >= limit:
             raise TrainingDiverged(_diverged_message(state, skipped_in_a_row, loss, last_saved))
         step_state = StepState(state.iteration, ctx.model, ctx.optimizer, args, loss=loss,
                                grad_norm=grad_norm, learning_rate=lr, skipped=skipped)
         ctx.callbacks.on_step_end(step_state)
         if rollback_fn is not None and "rollback" in step_state.extra:
             iterators = rollback_fn(state, step_state.extra["rollback"])
+            skipped_in_a_row = []  # a fresh start from the checkpoint
             continue
         if valid_iterators and args.eval_iters and args.eval_interval \
                 and state.iteration % args.eval_interval == 0:
