@@ -43,7 +43,8 @@ def parse(argv):
 def test_cli_flags_map_to_fields():
     assert parse([]) == dict(init_style="scaled", small_init=False, scaled_embed=False,
                              embed_layernorm=False, embed_detach_alpha=None, wesar=False,
-                             wesar_init_std=None)
+                             wesar_init_std=None, z_loss_coeff=0.0)
+    assert parse(["--z-loss-coeff", "1e-4"])["z_loss_coeff"] == 1e-4
     assert parse(["--embed-detach-alpha"])["embed_detach_alpha"] == 0.1
     assert parse(["--embed-detach-alpha", "0.3"])["embed_detach_alpha"] == 0.3
     kw = parse(["--scaled-embed", "--init-style", "plain", "--small-init", "--wesar",
