@@ -20,15 +20,20 @@ class StabilityConfigError(ValueError):
     """A combination of options that makes no sense; the message says which and what to do."""
 
 
+XAVIER = ("xavier", "plain")  # no depth scaling: SNM v4's name, and this package's earlier one
+WESAR_COMMON_STD = math.sqrt(4e-5)  # [WeSaR] common sigma^2 = 4e-5 [unverified]
+
+
 @dataclass
 class StabilityConfig(TransformerConfig):
     """TransformerConfig plus the loss-spike fixes of [SNM] and [WeSaR]."""
 
-    init_style: Literal["scaled", "plain"] = "scaled"
+    init_style: Literal["scaled", "xavier", "plain"] = "scaled"
     """[SNM] §3.1. "scaled" (upstream): W_O of attention and W_2 of the FFN use
-    sigma/sqrt(2N), N = num_layers, which keeps each residual branch small. "plain": every weight
-    matrix uses sigma, so each branch output has std close to 1 and the residual stream grows
-    layer after layer (the baseline the paper argues against)."""
+    sigma/sqrt(2N), N = num_layers, which keeps each residual branch small. "xavier" (the name
+    SNM's latest version gives this baseline; "plain" is an alias): every weight matrix uses
+    sigma, so each branch output has std close to 1 and the residual stream grows layer after
+    layer (the baseline the paper argues against)."""
 
     small_init: bool = False
     """[SNM] §2 / Nguyen & Salazar: sigma = sqrt(2 / (5 d)), d = hidden_size, instead of
@@ -55,8 +60,11 @@ class StabilityConfig(TransformerConfig):
     init_style/small_init ask for, so W_bar starts exactly as the plain scheme would."""
 
     wesar_init_std: Optional[float] = None
-    """[WeSaR] the common std of every gated W. None = init_method_std (so the gates of QKV/fc1
-    start at 1 and those of W_O/W_2 at 1/sqrt(2N) under scaled init)."""
+    """[WeSaR] the common std of every gated W. None = the paper's sigma^2 = 4e-5
+    (sigma = 0.0063; [unverified]: read off secondary summaries). With init_method_std instead,
+    the gates of QKV/fc1 start at 1 and those of W_O/W_2 at 1/sqrt(2N) under scaled init. The
+    spike study here found the small common sigma needs a large batch: at batch 8 and lr >= 1e-3
+    every step moves each W by lr/sigma >= 16% of its scale (README, spike study)."""
 
     z_loss_coeff: float = 0.0
     """z-loss (PaLM §5; advised by the latest [SNM] version): add z_loss_coeff * (log Z)^2 per
@@ -68,11 +76,11 @@ class StabilityConfig(TransformerConfig):
             self.init_method_std = math.sqrt(2.0 / (5.0 * self.hidden_size))
         if self.embedding_init_method_std is None:
             self.embedding_init_method_std = self.init_method_std
-        if self.init_style == "plain" and self.output_layer_init_method is None:
+        if self.init_style in XAVIER and self.output_layer_init_method is None:
             # Same std for W_O / W_2 as for every other matrix: no 1/sqrt(2N) ([SNM] §3.1).
             self.output_layer_init_method = init_method_normal(self.init_method_std)
         if self.wesar and self.wesar_init_std is None:
-            self.wesar_init_std = self.init_method_std
+            self.wesar_init_std = WESAR_COMMON_STD
         super().__post_init__()
 
     # ----- derived quantities used by the model builder -----
@@ -90,7 +98,7 @@ class StabilityConfig(TransformerConfig):
     @property
     def output_layer_target_std(self) -> float:
         """Std the init scheme asks for W_O / W_2: sigma/sqrt(2N) (scaled) or sigma (plain)."""
-        if self.init_style == "plain":
+        if self.init_style in XAVIER:
             return self.init_method_std
         return self.init_method_std / math.sqrt(2.0 * self.num_layers)
 
@@ -105,8 +113,8 @@ class StabilityConfig(TransformerConfig):
         def fail(msg):
             raise StabilityConfigError(msg)
 
-        if self.init_style not in ("scaled", "plain"):
-            fail(f"init_style must be 'scaled' or 'plain', got {self.init_style!r}")
+        if self.init_style not in ("scaled",) + XAVIER:
+            fail(f"init_style must be 'scaled' or 'xavier' ('plain'), got {self.init_style!r}")
         fixes = [name for name, on in (
             ("scaled_embed", self.scaled_embed),
             ("embed_layernorm", self.embed_layernorm),
@@ -119,8 +127,8 @@ class StabilityConfig(TransformerConfig):
         if self.scaled_embed and (self.embedding_init_method_std or 0.0) >= 0.5:
             fail("scaled_embed multiplies the embeddings by sqrt(d), and embedding_init_method_std="
                  f"{self.embedding_init_method_std} already makes them std ~1: use one or the other")
-        if self.init_style == "plain" and self.output_layer_init_method is not None:
-            fail("init_style='plain' sets output_layer_init_method itself; do not pass both")
+        if self.init_style in XAVIER and self.output_layer_init_method is not None:
+            fail(f"init_style={self.init_style!r} sets output_layer_init_method itself; do not pass both")
         if self.wesar and self.wesar_init_std is not None and self.wesar_init_std <= 0:
             fail(f"wesar_init_std must be > 0, got {self.wesar_init_std}")
         if self.z_loss_coeff < 0:
@@ -151,14 +159,17 @@ def add_stability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="Embed LN: LayerNorm on the embedding output before the first layer.")
     g.add_argument("--embed-detach-alpha", type=float, nargs="?", const=0.1, default=None,
                    metavar="G", help="Embed Detach: shrink the embedding gradient by G (default 0.1).")
-    g.add_argument("--init-style", choices=["scaled", "plain"], default="scaled",
-                   help="scaled (upstream): W_O, W_2 at sigma/sqrt(2N); plain: every matrix sigma.")
+    g.add_argument("--init-style", choices=["scaled", "xavier", "plain"], default="scaled",
+                   help="scaled (upstream): W_O, W_2 at sigma/sqrt(2N); xavier (SNM v4's name; plain is "
+                        "an alias): every matrix at sigma.")
     g.add_argument("--small-init", action="store_true",
                    help="sigma = sqrt(2/(5*hidden size)) instead of --init-method-std.")
     g.add_argument("--wesar", action="store_true",
                    help="WeSaR: trainable scalar gate per weight matrix, W_bar = alpha * W.")
     g.add_argument("--wesar-init-std", type=float, default=None,
-                   help="Common init std of every gated matrix (default: the init std).")
+                   help="Common init std of every gated matrix (default: the paper's sigma^2 = 4e-5, "
+                        "sigma = 0.0063; the spike study found it needs a large batch: at batch 8 "
+                        "the init std did better).")
     g.add_argument("--z-loss-coeff", type=float, default=0.0, metavar="C",
                    help="z-loss: add C * (log Z)^2 per token, Z the softmax normaliser of the logits "
                         "(PaLM, OLMo; e.g. 1e-4). Logged apart as 'z loss'. 0: off.")

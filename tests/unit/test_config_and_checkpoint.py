@@ -22,7 +22,7 @@ SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initia
     (dict(embed_detach_alpha=0.0), "embed_detach_alpha"),
     (dict(embed_detach_alpha=1.5), "embed_detach_alpha"),
     (dict(scaled_embed=True, embedding_init_method_std=1.0), "one or the other"),
-    (dict(init_style="xavier"), "init_style"),
+    (dict(init_style="kaiming"), "init_style"),
     (dict(wesar=True, wesar_init_std=-1.0), "wesar_init_std"),
     (dict(wesar=True, gradient_accumulation_fusion=True), "gradient_accumulation_fusion"),
     (dict(scaled_embed=True, multi_latent_attention=True), "MLA"),

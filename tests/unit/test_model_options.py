@@ -108,7 +108,7 @@ def _matrix_stds(model):
             if p.dim() == 2 and "decoder.layers" in n}
 
 
-@pytest.mark.parametrize("style", ["scaled", "plain"])
+@pytest.mark.parametrize("style", ["scaled", "plain", "xavier"])
 @pytest.mark.parametrize("small", [False, True])
 def test_init_style_and_small_init_stds(mcore, style, small):
     cfg_kw = dict(init_style=style, small_init=small)
@@ -118,7 +118,7 @@ def test_init_style_and_small_init_stds(mcore, style, small):
     model = build_gpt_model(cfg, VOCAB, SEQ)
     sigma = math.sqrt(2 / (5 * 256)) if small else 0.02
     assert cfg.init_method_std == pytest.approx(sigma)
-    sigma_out = sigma if style == "plain" else sigma / math.sqrt(2 * 4)
+    sigma_out = sigma if style in ("plain", "xavier") else sigma / math.sqrt(2 * 4)
     for name, std in _matrix_stds(model).items():
         expected = sigma_out if ("linear_proj" in name or "linear_fc2" in name) else sigma
         assert std == pytest.approx(expected, rel=0.03), name

@@ -85,3 +85,11 @@ def test_weight_decay_groups(mcore, no_embedding_wd):
             assert wd_of[id(param)] == (0.0 if no_embedding_wd else 1.0), name
         else:
             assert wd_of[id(param)] == 1.0, name
+
+
+def test_default_common_std_is_the_papers(mcore):
+    """--wesar without --wesar-init-std: the paper's sigma^2 = 4e-5 for every W."""
+    model = build(wesar=True)
+    assert model.config.wesar_init_std == pytest.approx(math.sqrt(4e-5))
+    weight = model.decoder.layers[0].mlp.linear_fc1.weight
+    assert weight.std().item() == pytest.approx(math.sqrt(4e-5), rel=0.05)
