@@ -1,9 +1,11 @@
 """The --save directory before training starts: one trainer at a time, writable, no run lost.
 
-- Lock: rank 0 creates <save>/.megatron_patch.lock (O_EXCL) holding "host pid" and removes it when
-  the run ends. A second trainer on the same directory refuses in one line naming the holder. A
-  lock whose process is gone (same host, pid not alive) is taken over with a notice; one from
-  another host cannot be checked from here and is refused (remove the file if that run is gone).
+- Lock: rank 0 creates <save>/.megatron_patch.lock (O_EXCL) holding "host pid [slurm job id]" and
+  removes it when the run ends. A second trainer on the same directory refuses in one line naming
+  the holder. A lock whose process is gone is taken over with a notice: same host and pid not
+  alive, or the same Slurm job (a requeued job keeps its SLURM_JOB_ID, and Slurm starts it again
+  only once the previous run has ended, on whatever node). Any other lock from another host cannot
+  be checked from here and is refused (remove the file if that run is gone).
 - Writable: creating the lock is the check, at start-up, before any heavy work.
 - No run lost: a fresh run (not resuming from this directory) refuses a --save that already holds
   a run unless --overwrite-checkpoints is given; otherwise it would move the tracker back and
@@ -34,12 +36,17 @@ def _alive(pid: int) -> bool:
 
 
 def _read_lock(path):
+    """(host, pid, slurm job id or None), or None if unreadable."""
     try:
         with open(path) as f:
-            host, pid = f.read().split()
-        return host, int(pid)
-    except (OSError, ValueError):
+            fields = f.read().split()
+        return fields[0], int(fields[1]), (fields[2] if len(fields) > 2 else None)
+    except (OSError, ValueError, IndexError):
         return None  # being written, or garbage: treated as held by an unknown process
+
+
+def _slurm_job() -> str:
+    return os.environ.get("SLURM_JOB_ID", "")
 
 
 class SaveDirLock:
@@ -59,19 +66,23 @@ class SaveDirLock:
                 raise SetupError(f"--save {os.path.dirname(self.path)} is not writable ({os.strerror(exc.errno)}); "
                                  "choose a directory this job can write to") from None
             with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.write(f"{socket.gethostname()} {os.getpid()} {_slurm_job()}".strip() + "\n")
             self._held = True
             return self
         raise SetupError(f"cannot take the lock {self.path}")
 
     def _take_over_if_stale(self):
         holder = _read_lock(self.path)
-        here = socket.gethostname()
-        if holder is None or holder[0] != here or _alive(holder[1]):
+        here = holder is not None and holder[0] == socket.gethostname()
+        alive_here = here and _alive(holder[1])
+        requeued = holder is not None and holder[2] is not None and holder[2] == _slurm_job() and not alive_here
+        dead_here = here and not alive_here
+        if not (requeued or dead_here):
             who = f"{holder[0]} pid {holder[1]}" if holder else "another process"
             raise SetupError(f"--save {os.path.dirname(self.path)} is in use by another trainer ({who}, lock "
                              f"{self.path}); use another --save, or remove the lock if that run is gone")
-        self.notice = f"took over the lock of a trainer that is gone ({holder[0]} pid {holder[1]})"
+        why = f"an earlier run of Slurm job {holder[2]}" if requeued else "a trainer that is gone"
+        self.notice = f"took over the lock of {why} ({holder[0]} pid {holder[1]})"
         os.remove(self.path)
 
     def __exit__(self, *exc):

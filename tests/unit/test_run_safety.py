@@ -147,3 +147,14 @@ def test_a_shape_that_differs_is_named_with_the_flag(corpus, saved, capsys):
             checkpoint_keys.load_sharded({"model0": model.sharded_state_dict()}, path)
     finally:
         megatron_io.stop()
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(corpus, tmp_path, capsys, monkeypatch):
+    """A job requeued after a hard kill may start on another node; it keeps its SLURM_JOB_ID."""
+    (tmp_path / save_dir.LOCK).write_text("node017 12345 4242\n")  # another host: cannot be checked
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, "--save", tmp_path, data=corpus))
+    assert "is in use by another trainer (node017 pid 12345" in line
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run_inprocess(tiny_args("--train-iters", 3, "--save", tmp_path, data=corpus))
+    assert "took over the lock of an earlier run of Slurm job 4242 (node017 pid 12345)" in capsys.readouterr().out
