@@ -34,11 +34,6 @@ from .wesar import WeSaRColumnParallelLinear, WeSaRRowParallelLinear
 from .z_loss import attach_z_loss
 
 
-def default_transformer_impl() -> str:
-    """Transformer Engine's spec on a GPU machine that has it, else megatron-core's local spec."""
-    return capabilities.default_transformer_impl()
-
-
 def _gate(module_cls, target_std: float) -> ModuleSpec:
     return ModuleSpec(module=module_cls, params={"wesar_target_std": target_std})
 
@@ -110,7 +105,7 @@ def build_gpt_model(
     **gpt_kwargs,
 ) -> GPTModel:
     """megatron-core GPTModel with the options of `config` applied. Extra kwargs go to GPTModel."""
-    transformer_impl = transformer_impl or default_transformer_impl()
+    transformer_impl = transformer_impl or capabilities.default_transformer_impl()
     model = GPTModel(
         config=config,
         transformer_layer_spec=build_layer_spec(config, transformer_impl, vp_stage),

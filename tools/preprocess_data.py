@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_patch import data_identity  # noqa: E402
+from megatron_patch.training.child_processes import process_alive  # noqa: E402
 from megatron_patch.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
 
 
@@ -313,14 +314,8 @@ def remove_stale_temporaries(prefix: str) -> None:
 
     for path in glob.glob(glob.escape(prefix) + ".bin.tmp*") + glob.glob(glob.escape(prefix) + ".idx.tmp*"):
         pid = path.rsplit(".tmp", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not process_alive(int(pid)):
             os.remove(path)
-        except PermissionError:
-            pass  # alive, another user's
 
 
 def preprocess(args) -> dict:

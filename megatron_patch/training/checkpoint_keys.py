@@ -76,13 +76,12 @@ def _refuse_shape_mismatches(sharded_state_dict, path) -> None:
     """Name model tensors whose global shape differs from the checkpoint's (megatron-core would
     only say "CheckpointException ranks: ..."), with the flag that probably differs."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
     saved = dist_checkpointing.load_tensors_metadata(path)
-    wanted, _ = extract_sharded_tensors(sharded_state_dict)
     seen, wrong = set(), []
-    for tensor in _leaves(wanted):
+    for tensor in nested_values(sharded_state_dict):
         if not isinstance(tensor, ShardedTensor) or tensor.key.startswith("optimizer.") or tensor.key in seen:
             continue
         seen.add(tensor.key)
@@ -94,17 +93,6 @@ def _refuse_shape_mismatches(sharded_state_dict, path) -> None:
     if wrong:
         raise SetupError(f"checkpoint {path} does not fit this model: {'; '.join(wrong[:3])}"
                          + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 def _has_content(extra_state) -> bool:

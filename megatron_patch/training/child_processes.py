@@ -31,6 +31,17 @@ def _in_child():
         os._exit(1)
 
 
+def process_alive(pid: int) -> bool:
+    """Is process `pid` (on this host) still there? (A process of another user counts as alive.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def die_with_parent() -> None:
     """Idempotent: install the fork hooks once per process (the trainer's)."""
     global _installed

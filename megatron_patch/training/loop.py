@@ -10,6 +10,7 @@ import torch
 
 from .callbacks import CallbackList, StepState
 from .errors import SetupError
+from .model_builder import unwrap
 
 
 def add_training_args(parser):
@@ -104,8 +105,6 @@ def loss_func(loss_mask, output_tensor, model=None):
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    from .model_builder import unwrap
-
     z = getattr(unwrap(model), "z_loss_per_token", None) if model is not None else None
     reports = {}
     if z is not None:
@@ -203,7 +202,7 @@ def train_step(ctx, state, iterators):
     try:
         reports = _forward_backward(ctx, iterators, forward_only=False)
         loss = _reduce_loss(reports)
-        ctx.z_loss = _reduce_loss(reports, "z loss") if ctx.config.z_loss_coeff else None
+        ctx.z_loss = _reduce_loss(reports, "z loss")  # None with the z-loss off
     except RuntimeError as exc:  # megatron-core's NaN check (check_for_nan_in_grad) while reducing
         if "Unexpected result" not in str(exc):
             raise

@@ -20,19 +20,10 @@ import shutil
 import socket
 
 from . import checkpointing
+from .child_processes import process_alive
 from .errors import SetupError
 
 LOCK = ".megatron_patch.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_lock(path):
@@ -74,7 +65,7 @@ class SaveDirLock:
     def _take_over_if_stale(self):
         holder = _read_lock(self.path)
         here = holder is not None and holder[0] == socket.gethostname()
-        alive_here = here and _alive(holder[1])
+        alive_here = here and process_alive(holder[1])
         requeued = holder is not None and holder[2] is not None and holder[2] == _slurm_job() and not alive_here
         dead_here = here and not alive_here
         if not (requeued or dead_here):
