@@ -212,7 +212,6 @@ def _round(x):
 
 
 def run_sweep(args):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs, results = [], {}
     # Highest lr first: those are the informative runs if the sweep is cut short.
     for lr in sorted(args.lrs, reverse=True):
@@ -228,14 +227,21 @@ def run_sweep(args):
                 jobs.append((name, training_argv(args, method, lr, seed, run_dir), run_dir,
                              args.diverge_margin))
     print(f"{len(results)} runs already done, {len(jobs)} to train ({args.jobs} at a time)", flush=True)
+    train_pending(jobs, args.jobs, results)
+    return results
+
+
+def train_pending(jobs, n_jobs, results):
+    """Train `jobs` ((name, argv, run_dir, margin) tuples) on `n_jobs` single-threaded worker
+    processes, in order; each result goes into `results[name]` (and its run_dir) as it finishes."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
         for r in pool.map(train_one, jobs):
             results[r["name"]] = r
-            print(f"  {r['name']:<28} val {_fmt(r['val_loss'])} spikes {r['loss_spikes']}/{r['grad_spikes']}"
+            print(f"  {r['name']:<34} val {_fmt(r['val_loss'])} spikes {r['loss_spikes']}/{r['grad_spikes']}"
                   f" max|g| {_fmt(r['max_grad_norm'])} diverged {r['diverged']} ({r['seconds']:.0f} s,"
                   f" {time.time() - t0:.0f} s elapsed)", flush=True)
-    return results
 
 
 def _fmt(x, spec=".3f"):

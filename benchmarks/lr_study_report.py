@@ -1,0 +1,107 @@
+"""Tables and plots of `benchmarks/lr_study.py`: final loss per lr, lr sensitivity per width, and
+its slope against width."""
+
+import os
+import statistics
+
+from benchmarks.lr_study import final_loss, methods_at, run_name, slope_vs_width
+
+
+def _pm(values, spec=".3f"):
+    if not values:
+        return "-"
+    mean = format(statistics.fmean(values), spec)
+    return mean + (f" ± {format(statistics.stdev(values), spec)}" if len(values) > 1 else "")
+
+
+def write_table(args, results, sens, path, wall_s):
+    r = args.recipe
+    lines = [f"lr sensitivity study: {r.num_layers} layers, head dim {args.head_dim}, seq {r.seq_length}, "
+             f"batch {r.micro_batch_size}, {r.iters} steps (warm-up {r.warmup}, cosine to lr/10), init std "
+             f"{'sqrt(2/(5d)) (small init)' if r.init_std is None else r.init_std}, AdamW beta2 {r.adam_beta2}, "
+             f"clip {r.clip_grad}, seeds {','.join(map(str, args.seeds))}.", "",
+             "lr sensitivity = mean over the lr grid of min(final val loss, loss at init) minus the best "
+             "final val loss on the grid (Wortsman et al. 2023), per seed; mean ± sd over seeds (n).", "",
+             "| width | " + " | ".join(args.methods) + " |", "|---" * (len(args.methods) + 1) + "|"]
+    for d in args.widths:
+        cells = []
+        for m in args.methods:
+            s = sens.get((d, m))
+            cells.append("" if s is None else _pm(s["per_seed"]) + f" (n={len(s['per_seed'])})")
+        lines.append(f"| d {d} | " + " | ".join(cells) + " |")
+    lines += ["", "Slope of lr sensitivity against log2(width) (nats per doubling): of the seed means; "
+              "[min, max] over seeds.", "", "| method | slope | per seed |", "|---|---|---|"]
+    for m in args.methods:
+        slope, per_seed = slope_vs_width(args, sens, m)
+        if slope is not None:
+            lines.append(f"| {m} | {slope:+.3f} | " + (f"[{min(per_seed):+.3f}, {max(per_seed):+.3f}]"
+                                                       if per_seed else "-") + " |")
+    lrs = sorted(args.lrs)
+    lines += ["", "Final validation loss (capped at the loss at init), mean ± sd over seeds; "
+              "† = seeds that diverged (loss ended > margin above its best).", "",
+              "| width | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
+              "|---" * (len(lrs) + 3) + "|"]
+    for d in args.widths:
+        for m in methods_at(args, d):
+            row = []
+            for lr in lrs:
+                runs = [results[n] for n in (run_name(d, m, lr, s) for s in args.seeds) if n in results]
+                div = sum(x["diverged"] for x in runs)
+                row.append(_pm([final_loss(x)[0] for x in runs]) + (f" †{div}" if div else ""))
+            s = sens.get((d, m))
+            lines.append(f"| d {d} | {m} | " + " | ".join(row) + f" | {s['best_lr']:g} |" if s else
+                         f"| d {d} | {m} | " + " | ".join(row) + " | - |")
+    trained = [x for x in results.values() if not x.get("reused")]
+    reused = len(results) - len(trained)
+    run_s = sum(x["seconds"] for x in trained)
+    lines += ["", f"Runs: {len(results)} ({reused} imported from an identical earlier sweep). Training "
+                  f"time of the runs trained here: {run_s / 60:.0f} run-minutes (single-threaded, "
+                  f"{args.jobs} at a time); this invocation: {wall_s / 60:.1f} min wall."]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def plot(args, sens, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = [d for d in args.widths if any((d, m) in sens for m in args.methods)]
+    if not widths:
+        return
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths), 4), sharey=True, squeeze=False)
+    for ax, d in zip(axes.flat, widths):
+        for m in methods_at(args, d):
+            s = sens.get((d, m))
+            if s is None:
+                continue
+            lrs = sorted(s["losses"])
+            ys = [statistics.fmean(s["losses"][lr]) for lr in lrs]
+            err = [statistics.stdev(s["losses"][lr]) if len(s["losses"][lr]) > 1 else 0 for lr in lrs]
+            ax.errorbar(lrs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=m)
+        ax.set_xscale("log")
+        ax.set_title(f"d {d}")
+        ax.set_xlabel("peak learning rate")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("final val loss (capped at init; mean ± sd over seeds)")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "final_loss_vs_lr.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in args.methods:
+        pts = [(d, sens[d, m]) for d in args.widths if (d, m) in sens]
+        if not pts:
+            continue
+        ax.errorbar([d for d, _ in pts], [s["mean"] for _, s in pts], yerr=[s["sd"] or 0 for _, s in pts],
+                    marker="o", capsize=3, lw=1, label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width d")
+    ax.set_ylabel("lr sensitivity (nats; mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "lr_sensitivity_vs_width.png"), dpi=110)
+    plt.close(fig)
