@@ -118,11 +118,12 @@ def gradient_accumulation_fusion(args, transformer_impl: str, caps: Optional[Cap
     """Megatron-LM's default (on unless --no-gradient-accumulation-fusion) where a kernel exists:
     TE's linears fuse it themselves; local linears need apex's fused_weight_gradient_mlp_cuda.
     The weight gradient is then accumulated straight into megatron DDP's `main_grad`, so it is off
-    with DeepSpeed (no main_grad) and with WeSaR (whose weight is alpha*W, computed each step)."""
+    with DeepSpeed (no main_grad). WeSaR gates the linear's output, so its weight is the parameter
+    itself and the fused gradient is dL/dW (tests/unit/test_wesar.py)."""
     caps = caps or current()
     if args.no_gradient_accumulation_fusion or not caps.cuda:
         return False
-    if getattr(args, "deepspeed", False) or getattr(args, "wesar", False):
+    if getattr(args, "deepspeed", False):
         return False
     if transformer_impl == "transformer_engine":
         return caps.transformer_engine

@@ -54,10 +54,11 @@ class StabilityConfig(TransformerConfig):
     the embedding tables is multiplied by gamma (GLM uses 0.1). None = off."""
 
     wesar: bool = False
-    """[WeSaR] §3: every weight matrix W of attention (QKV, output) and FFN (fc1, fc2) gets a
-    trainable scalar gate alpha and the layer uses W_bar = alpha * W. All W are initialised with
-    the common std `wesar_init_std`; alpha = target_std / wesar_init_std, where target_std is what
-    init_style/small_init ask for, so W_bar starts exactly as the plain scheme would."""
+    """[WeSaR] §3: every weight matrix W of attention (W_q, W_k, W_v, W_O) and FFN (W_1, W_2), and
+    the prediction head when untied, gets a trainable scalar gate alpha and the layer computes
+    alpha * (W x) (= W_bar x, W_bar = alpha * W; megatron_patch/wesar.py). All W are initialised
+    with the common std `wesar_init_std`; alpha = target_std / wesar_init_std, the target being
+    what `wesar_targets` asks for, so W_bar starts at the std of that scheme."""
 
     wesar_init_std: Optional[float] = None
     """[WeSaR] the common std of every gated W. None = the paper's sigma^2 = 4e-5
@@ -65,6 +66,24 @@ class StabilityConfig(TransformerConfig):
     the gates of QKV/fc1 start at 1 and those of W_O/W_2 at 1/sqrt(2N) under scaled init. The
     spike study here found the small common sigma needs a large batch: at batch 8 and lr >= 1e-3
     every step moves each W by lr/sigma >= 16% of its scale (README, spike study)."""
+
+    wesar_targets: Literal["init", "he"] = "init"
+    """[WeSaR] the stds W_bar starts at. "init": this model's init scheme (init_method_std or
+    small init; W_O, W_2 at sigma/sqrt(2N) under scaled init, the head at sigma). "he": He
+    initialisation with residual scaling, sqrt(2/fan_in) per matrix and W_O, W_2 times
+    1/sqrt(2N) (the paper's backbone per secondary summaries [unverified]; docs/wesar.md)."""
+
+    wesar_fused_qkv_gate: bool = False
+    """[WeSaR] one gate for the fused QKV matrix instead of three (W_q, W_k, W_v): the layout of
+    this package's earlier releases, kept so that runs stay comparable."""
+
+    wesar_gate_output_layer: bool = True
+    """[WeSaR] gate the prediction head too (only when it is untied from the embedding; a tied
+    head is the embedding table, which stays at gate 1)."""
+
+    wesar_embedding_common_std: bool = False
+    """[WeSaR] initialise the word (and position) embedding at the common std with gate 1,
+    instead of embedding_init_method_std."""
 
     z_loss_coeff: float = 0.0
     """z-loss (PaLM §5; advised by the latest [SNM] version): add z_loss_coeff * (log Z)^2 per
@@ -81,6 +100,8 @@ class StabilityConfig(TransformerConfig):
             self.output_layer_init_method = init_method_normal(self.init_method_std)
         if self.wesar and self.wesar_init_std is None:
             self.wesar_init_std = WESAR_COMMON_STD
+        if self.wesar and self.wesar_embedding_common_std:
+            self.embedding_init_method_std = self.wesar_init_std
         super().__post_init__()
 
     # ----- derived quantities used by the model builder -----
@@ -133,8 +154,19 @@ class StabilityConfig(TransformerConfig):
             fail(f"wesar_init_std must be > 0, got {self.wesar_init_std}")
         if self.z_loss_coeff < 0:
             fail(f"z_loss_coeff must be >= 0, got {self.z_loss_coeff}")
-        if self.wesar and self.gradient_accumulation_fusion:
-            fail("wesar computes alpha*W on the fly; turn off gradient_accumulation_fusion")
+        if self.wesar_targets not in ("init", "he"):
+            fail(f"wesar_targets must be 'init' or 'he', got {self.wesar_targets!r}")
+        wesar_only = [name for name, on in (
+            ("wesar_targets='he'", self.wesar_targets != "init"),
+            ("wesar_fused_qkv_gate", self.wesar_fused_qkv_gate),
+            ("wesar_gate_output_layer=False", not self.wesar_gate_output_layer),
+            ("wesar_embedding_common_std", self.wesar_embedding_common_std),
+        ) if on]
+        if wesar_only and not self.wesar:
+            fail(f"{', '.join(wesar_only)} only apply with wesar=True")
+        if self.wesar and self.attention_output_gate and not self.wesar_fused_qkv_gate:
+            fail("attention_output_gate adds gate rows to the fused QKV output; use "
+                 "wesar_fused_qkv_gate (one gate for the whole matrix) with it")
         if self.uses_stability_options:
             uncovered = [name for name, on in (
                 ("multi_latent_attention (MLA)", self.multi_latent_attention),
@@ -170,6 +202,15 @@ def add_stability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="Common init std of every gated matrix (default: the paper's sigma^2 = 4e-5, "
                         "sigma = 0.0063; the spike study found it needs a large batch: at batch 8 "
                         "the init std did better).")
+    g.add_argument("--wesar-targets", choices=["init", "he"], default="init",
+                   help="Stds the gated matrices start at: init (this model's init scheme) or he "
+                        "(He init with residual scaling, the WeSaR paper's backbone [unverified]).")
+    g.add_argument("--wesar-fused-qkv-gate", action="store_true",
+                   help="One WeSaR gate for the fused QKV matrix instead of three (W_q, W_k, W_v).")
+    g.add_argument("--wesar-no-output-gate", action="store_true",
+                   help="Do not gate the untied prediction head (gated by default under --wesar).")
+    g.add_argument("--wesar-embedding-common-std", action="store_true",
+                   help="Initialise the embedding at WeSaR's common std (gate 1).")
     g.add_argument("--z-loss-coeff", type=float, default=0.0, metavar="C",
                    help="z-loss: add C * (log Z)^2 per token, Z the softmax normaliser of the logits "
                         "(PaLM, OLMo; e.g. 1e-4). Logged apart as 'z loss'. 0: off.")
@@ -183,8 +224,15 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
     # The trainer leaves --init-method-std at None unless given, so the conflict is visible.
     if args.small_init and getattr(args, "init_method_std", None) is not None:
         raise StabilityConfigError("--small-init sets sigma itself; drop --init-method-std")
-    if args.wesar_init_std is not None and not args.wesar:
-        raise StabilityConfigError("--wesar-init-std needs --wesar")
+    wesar_flags = [flag for flag, on in (
+        ("--wesar-init-std", args.wesar_init_std is not None),
+        ("--wesar-targets", getattr(args, "wesar_targets", "init") != "init"),
+        ("--wesar-fused-qkv-gate", getattr(args, "wesar_fused_qkv_gate", False)),
+        ("--wesar-no-output-gate", getattr(args, "wesar_no_output_gate", False)),
+        ("--wesar-embedding-common-std", getattr(args, "wesar_embedding_common_std", False)),
+    ) if on]
+    if wesar_flags and not args.wesar:
+        raise StabilityConfigError(f"{' '.join(wesar_flags)} needs --wesar")
     return dict(
         init_style=args.init_style,
         small_init=args.small_init,
@@ -193,5 +241,9 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
         embed_detach_alpha=args.embed_detach_alpha,
         wesar=args.wesar,
         wesar_init_std=args.wesar_init_std,
+        wesar_targets=getattr(args, "wesar_targets", "init"),
+        wesar_fused_qkv_gate=getattr(args, "wesar_fused_qkv_gate", False),
+        wesar_gate_output_layer=not getattr(args, "wesar_no_output_gate", False),
+        wesar_embedding_common_std=getattr(args, "wesar_embedding_common_std", False),
         z_loss_coeff=getattr(args, "z_loss_coeff", 0.0),
     )

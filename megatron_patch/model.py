@@ -2,7 +2,8 @@
 
 build_gpt_model = megatron-core's GPTModel, built from upstream's layer spec with three possible
 substitutions, each only when its option asks for it:
-  - WeSaR linears for QKV / proj / fc1 / fc2 (config.wesar), via the spec's submodules;
+  - WeSaR-gated subclasses of the spec's QKV / proj / fc1 / fc2 linears, local or Transformer
+    Engine (config.wesar), and the gate of an untied prediction head, attached after build;
   - a sequence-parallel-capable torch norm where upstream's torch norm would refuse
     sequence_parallel (no apex, or RMSNorm);
   - the [SNM] embedding stabilizer, attached to the embedding after build;
@@ -30,12 +31,21 @@ from . import capabilities
 from .config import StabilityConfig, StabilityConfigError
 from .embedding import attach_embedding_stabilizer
 from .norm import local_norm_class, upstream_local_norm_class
-from .wesar import WeSaRColumnParallelLinear, WeSaRRowParallelLinear
+from .wesar import gate_output_layer, gated_class, target_stds
 from .z_loss import attach_z_loss
 
 
-def _gate(module_cls, target_std: float) -> ModuleSpec:
-    return ModuleSpec(module=module_cls, params={"wesar_target_std": target_std})
+def _gate_linears(layer, config: StabilityConfig) -> None:
+    """Replace the four linears of a layer spec with their WeSaR-gated subclasses (in place)."""
+    stds = target_stds(config)
+    attention, mlp = layer.self_attention.submodules, layer.mlp.submodules
+    for owner, slot, key, mode in ((attention, "linear_qkv", "qkv", "column"),
+                                   (attention, "linear_proj", "proj", "row"),
+                                   (mlp, "linear_fc1", "fc1", "column"),
+                                   (mlp, "linear_fc2", "fc2", "row")):
+        base = getattr(owner, slot)
+        setattr(owner, slot, ModuleSpec(module=gated_class(base), params=dict(
+            wesar_target_std=stds[key], wesar_parallel_mode=mode, wesar_qkv=key == "qkv")))
 
 
 def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", vp_stage=None):
@@ -44,11 +54,13 @@ def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", v
         problem = capabilities.check_transformer_impl(transformer_impl)
         if problem:
             raise StabilityConfigError(problem)
-        if config.wesar:
-            raise StabilityConfigError("--wesar gates megatron-core's own linear layers: use --transformer-impl local")
-        return get_gpt_layer_with_transformer_engine_spec(
+        spec = get_gpt_layer_with_transformer_engine_spec(
             normalization=config.normalization, qk_layernorm=config.qk_layernorm
         )
+        if config.wesar:
+            spec = copy.deepcopy(spec)
+            _gate_linears(spec.submodules, config)
+        return spec
     if transformer_impl != "local":
         raise StabilityConfigError(f"unknown transformer_impl {transformer_impl!r}; use 'local' or 'transformer_engine'")
 
@@ -67,12 +79,7 @@ def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", v
         layer.input_layernorm = norm
         layer.pre_mlp_layernorm = norm
     if config.wesar:
-        sigma, sigma_out = config.init_method_std, config.output_layer_target_std
-        attention, mlp = layer.self_attention.submodules, layer.mlp.submodules
-        attention.linear_qkv = _gate(WeSaRColumnParallelLinear, sigma)
-        attention.linear_proj = _gate(WeSaRRowParallelLinear, sigma_out)
-        mlp.linear_fc1 = _gate(WeSaRColumnParallelLinear, sigma)
-        mlp.linear_fc2 = _gate(WeSaRRowParallelLinear, sigma_out)
+        _gate_linears(layer, config)
     if norm is upstream_norm and not final_norm_breaks:
         return spec
     # The block's final norm is chosen by the block, not the layer spec: name it explicitly.
@@ -121,6 +128,9 @@ def build_gpt_model(
     )
     if pre_process and getattr(config, "embedding_fix", None):
         attach_embedding_stabilizer(model.embedding, config, embedding_norm_class(config, transformer_impl))
+    if post_process and getattr(config, "wesar", False) and config.wesar_gate_output_layer \
+            and not share_embeddings_and_output_weights:
+        gate_output_layer(model, config, target_stds(config)["head"])
     if post_process and getattr(config, "z_loss_coeff", 0.0):
         attach_z_loss(model, config.z_loss_coeff)
     return model

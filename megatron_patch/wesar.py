@@ -1,57 +1,158 @@
 """[WeSaR] weight scaling as reparameterization: W_bar = alpha * W with a trainable scalar alpha.
 
-Each gated linear layer is a subclass of megatron-core's Column/RowParallelLinear that passes
-alpha * W (computed on the fly, no persistent copy) to upstream's `_forward_impl`, so the
-tensor-parallel communication, bias handling and sequence parallelism are upstream's own.
+The gate is applied on the output side: (alpha * W) x = alpha * (W x), with the bias outside the
+gate (alpha * (W x) + b). That is the same function as the paper's W_bar with no copy of W, so
+it wraps any linear layer whatever computes W x: megatron-core's Column/RowParallelLinear, or
+Transformer Engine's fused ones (`TELayerNormColumnParallelLinear`, `TERowParallelLinear`), with
+gradient-accumulation fusion too (the linear's weight gradient is then alpha * dL/d(W_bar x)
+outer x = dL/dW, written to main_grad by the linear itself).
 
-Tensor parallelism: alpha is one scalar replicated on every TP rank. dL/dalpha = sum(W * dL/dW_bar)
-over the whole matrix, but each rank holds only its shard of W, so the per-rank sums must be added
-over the TP group. `copy_to_tensor_model_parallel_region` (identity forward, all-reduce backward)
-does that inside autograd, so the gradient is right wherever the model is used, with or without
-megatron-core's DDP.
+Which gates ([WeSaR] §3: one per weight matrix; the Q/K/V split and the gated head are from
+secondary summaries and YuLan-Mini's public model code, [unverified]):
+  - attention: W_q, W_k, W_v (three scalars on the fused QKV output's row blocks, or one for the
+    fused matrix with `wesar_fused_qkv_gate`), W_O;
+  - FFN: W_1 (fc1; with SwiGLU the fused [gate; up] matrix), W_2 (fc2);
+  - the prediction head when it is untied from the embedding (`wesar_gate_output_layer`).
+The embedding is never gated ([WeSaR]: gate 1); `wesar_embedding_common_std` puts it at the
+common std instead of its own.
 
-Which matrices: attention QKV and output projection, FFN fc1 and fc2 ([WeSaR] §3 gates every
-weight matrix of the Transformer layers). The word/position embeddings and the output layer are
-not gated: their scale is the subject of the [SNM] embedding options, and with tied embeddings the
-output layer *is* the embedding table.
+Tensor parallelism: alpha is replicated on every TP rank. dL/dalpha = sum(y * dL/dy) over the
+whole output y = W x; where this rank holds only part of y the per-rank sums are added over the
+TP group (`copy_to_tensor_model_parallel_region`: identity forward, all-reduce backward), inside
+autograd. Part of y lives here when the layer is column-parallel (each rank owns whole output
+columns, hence whole query groups of QKV) and its output is not gathered, or row-parallel with
+sequence parallelism (the reduce-scatter leaves a sequence shard). A row-parallel output without
+it is already all-reduced: every rank holds the whole y and the same gradient, nothing to add.
 """
 
-import torch
+import math
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+import torch
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.utils import init_method_normal
 
+_GATED_CLASSES = {}
+
+
+def target_stds(config) -> dict:
+    """The std each gated matrix's W_bar = alpha * W starts at (docs/wesar.md has the table).
+
+    "init": what this model's init scheme gives the plain matrix: sigma (init_method_std, or
+    sqrt(2/(5d)) with small init) for W_q, W_k, W_v, W_1 and the head; W_O and W_2 at
+    sigma/sqrt(2N) under scaled init ([SNM] §3.1), sigma under Xavier init.
+    "he": He init, sqrt(2/fan_in), with residual scaling 1/sqrt(2N) on W_O and W_2 (dropped under
+    Xavier init, which asks for no depth scaling) [unverified]."""
+    depth = 1.0 if config.init_style in ("xavier", "plain") else 1.0 / math.sqrt(2.0 * config.num_layers)
+    if config.wesar_targets == "init":
+        sigma = config.init_method_std
+        return dict(qkv=sigma, proj=config.output_layer_target_std, fc1=sigma,
+                    fc2=config.output_layer_target_std, head=sigma)
+    d = config.hidden_size
+    he = lambda fan_in: math.sqrt(2.0 / fan_in)  # noqa: E731
+    return dict(qkv=he(d), proj=he(config.kv_channels * config.num_attention_heads) * depth,
+                fc1=he(d), fc2=he(config.ffn_hidden_size) * depth, head=he(d))
+
 
 class _WeSaRGate:
-    """Mixin: adds `wesar_gate` (shape [1]: megatron-core's optimizer then skips weight decay on
-    it, like every 1-D parameter) and feeds alpha * W to the matmul."""
+    """Mixin over a linear layer class: adds `wesar_gate` and scales the layer's output by it.
 
-    def __init__(self, *args, config, init_method, wesar_target_std: float, **kwargs):
-        common_std = config.wesar_init_std
+    The gate has shape [1], or [3] (alpha_q, alpha_k, alpha_v) for a QKV layer with separate
+    gates; megatron-core's optimizer skips weight decay on 1-D parameters, gates included."""
+
+    def __init__(self, *args, config, init_method, skip_bias_add=False, wesar_target_std,
+                 wesar_parallel_mode, wesar_qkv=False, **kwargs):
         # W ~ N(0, common_std^2) for every gated matrix, whatever the init scheme ([WeSaR] §3).
-        super().__init__(*args, config=config, init_method=init_method_normal(common_std), **kwargs)
-        dtype = config.params_dtype
-        self.wesar_gate = torch.nn.Parameter(torch.full((1,), wesar_target_std / common_std, dtype=dtype))
+        # The linear returns its bias apart, and forward() adds it after the gate.
+        super().__init__(*args, config=config, init_method=init_method_normal(config.wesar_init_std),
+                         skip_bias_add=True, **kwargs)
+        self._setup_wesar_gate(config, wesar_target_std, wesar_parallel_mode, wesar_qkv,
+                               adds_bias=not skip_bias_add)
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        gate = copy_to_tensor_model_parallel_region(self.wesar_gate, group=self.tp_group)
-        return super()._forward_impl(input, weight * gate, *args, **kwargs)
+    def _setup_wesar_gate(self, config, target_std, parallel_mode, qkv, adds_bias):
+        if parallel_mode not in ("column", "row"):
+            raise ValueError(f"wesar_parallel_mode must be 'column' or 'row', got {parallel_mode!r}")
+        self.wesar_parallel_mode, self.wesar_adds_bias = parallel_mode, adds_bias
+        self.wesar_sequence_parallel = bool(config.sequence_parallel)
+        # (query heads per group + 2, head dim): the row blocks of one query group in megatron's
+        # fused QKV layout [q_1..q_n, k, v] per group; None = one gate for the whole matrix.
+        self.wesar_qkv_blocks = None
+        n = 1
+        if qkv and not config.wesar_fused_qkv_gate:
+            groups = config.num_query_groups or config.num_attention_heads
+            self.wesar_qkv_blocks = (config.num_attention_heads // groups + 2, config.kv_channels)
+            n = 3
+        self.wesar_gate = torch.nn.Parameter(
+            torch.full((n,), target_std / config.wesar_init_std, dtype=config.params_dtype,
+                       device=self.weight.device))
+
+    def wesar_channel_scale(self) -> torch.Tensor:
+        """alpha per output channel block: [1] or [blocks, 1] (broadcast over a block's head dim)."""
+        gate = self.wesar_gate
+        if self.wesar_qkv_blocks is None:
+            return gate
+        n_q = self.wesar_qkv_blocks[0] - 2
+        return torch.cat([gate[:1].expand(n_q), gate[1:]]).unsqueeze(-1)
+
+    def _wesar_output_is_partial(self, gathered: bool) -> bool:
+        if self.wesar_parallel_mode == "column":
+            return not gathered
+        return self.wesar_sequence_parallel
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        gathered = kwargs.get("runtime_gather_output")
+        if gathered is None:
+            gathered = getattr(self, "gather_output", False)
+        scale = self.wesar_channel_scale()
+        if self._wesar_output_is_partial(gathered):
+            scale = copy_to_tensor_model_parallel_region(
+                scale, group=getattr(self, "tp_group", None) or getattr(self, "_tp_group", None))
+        scale = scale.to(output.dtype)
+        if self.wesar_qkv_blocks is None:
+            output = output * scale
+        else:
+            shape = output.shape
+            output = (output.view(*shape[:-1], -1, *self.wesar_qkv_blocks) * scale).view(shape)
+        if self.wesar_adds_bias and bias is not None:
+            return output + bias, None
+        return output, (None if self.wesar_adds_bias else bias)
 
     @torch.no_grad()
     def fold_wesar_gate(self) -> None:
-        """W <- alpha * W, alpha <- 1: the same function with plain weights (exact up to the one
-        rounding of the product, which is also what the forward computes)."""
-        self.weight.mul_(self.wesar_gate)
+        """W <- alpha * W (per row block for QKV), alpha <- 1: the same function with plain
+        weights. alpha * (W x) and (alpha * W) x agree up to float rounding, not bit for bit."""
+        self.weight.copy_(self.folded_weight())
         self.wesar_gate.fill_(1.0)
 
+    def folded_weight(self) -> torch.Tensor:
+        """alpha * W as the plain layer's weight (rows in megatron's layout)."""
+        w = self.weight
+        scale = self.wesar_channel_scale().to(w.dtype)
+        if self.wesar_qkv_blocks is None:
+            return w * scale
+        blocks, head_dim = self.wesar_qkv_blocks
+        return (w.view(-1, blocks, head_dim, w.shape[-1]) * scale.view(1, blocks, 1, 1)).view_as(w)
 
-class WeSaRColumnParallelLinear(_WeSaRGate, ColumnParallelLinear):
-    """ColumnParallelLinear with W_bar = alpha * W."""
+
+def gated_class(base: type) -> type:
+    """The WeSaR subclass of a linear layer class (one per base class, so isinstance and
+    pickling see a stable type)."""
+    if base not in _GATED_CLASSES:
+        _GATED_CLASSES[base] = type(f"WeSaR{base.__name__}", (_WeSaRGate, base),
+                                    {"__module__": __name__, "__doc__": f"{base.__name__} with W_bar = alpha * W."})
+    return _GATED_CLASSES[base]
 
 
-class WeSaRRowParallelLinear(_WeSaRGate, RowParallelLinear):
-    """RowParallelLinear with W_bar = alpha * W."""
+@torch.no_grad()
+def gate_output_layer(model: torch.nn.Module, config, target_std: float) -> None:
+    """Gate an untied prediction head after GPTModel built it with config.init_method:
+    W <- W * common/sigma (W was drawn from N(0, sigma^2), so this is an N(0, common^2) draw from
+    the same random numbers, identical on every TP layout), alpha = target / common."""
+    layer = model.output_layer
+    layer.weight.mul_(config.wesar_init_std / config.init_method_std)
+    layer.__class__ = gated_class(type(layer))
+    layer._setup_wesar_gate(config, target_std, "column", qkv=False, adds_bias=not layer.skip_bias_add)
+    layer.skip_bias_add = True
 
 
 def wesar_layers(model: torch.nn.Module):
@@ -69,10 +170,11 @@ def fold_wesar_gates(model: torch.nn.Module) -> int:
 
 def plain_state_dict(model: torch.nn.Module) -> dict:
     """The model's state_dict with every W replaced by alpha * W and the gates dropped: loads into
-    the same model built without WeSaR and gives the same outputs. The model is left unchanged."""
+    the same model built without WeSaR and gives the same outputs (up to rounding). The model is
+    left unchanged."""
     state = model.state_dict()
     for name, layer in wesar_layers(model):
         prefix = f"{name}." if name else ""
-        state[f"{prefix}weight"] = (layer.weight * layer.wesar_gate).detach()
+        state[f"{prefix}weight"] = layer.folded_weight().detach()
         del state[f"{prefix}wesar_gate"]
     return state

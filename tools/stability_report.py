@@ -96,9 +96,9 @@ def measure(args, options: dict):
 
 
 def _effective(linear):
-    """W_bar = alpha * W under WeSaR, else W."""
-    gate = getattr(linear, "wesar_gate", None)
-    return (linear.weight * gate).detach() if gate is not None else linear.weight.detach()
+    """W_bar = alpha * W under WeSaR (per Q/K/V row block), else W."""
+    folded = getattr(linear, "folded_weight", None)
+    return (folded() if folded is not None else linear.weight).detach()
 
 
 def print_variant(name, loss, rows):

@@ -71,7 +71,8 @@ def layer_parameters(cfg, tp: int = 1) -> int:
     n += q * h // tp + h * bias                                  # attention output projection
     n += (h * fc1_out + fc1_out * bias) // tp + f * h // tp + h * bias   # fc1, fc2
     n += 2 * _norm(cfg, cfg.kv_channels) if cfg.qk_layernorm else 0
-    n += 4 if getattr(cfg, "wesar", False) else 0                 # WeSaR gates: QKV, proj, fc1, fc2
+    if getattr(cfg, "wesar", False):                              # WeSaR gates: Q, K, V (or QKV), proj, fc1, fc2
+        n += (1 if cfg.wesar_fused_qkv_gate else 3) + 3
     return n
 
 
@@ -103,6 +104,9 @@ def stage_parameters(args, cfg, padded_vocab: int, first: bool, last: bool, tp=N
         head = _norm(cfg, h)
         if args.untie_embeddings_and_output_weights or pp > 1:  # PP>1 tied: the last stage's copy
             head += padded_vocab * h // tp
+        if args.untie_embeddings_and_output_weights and getattr(cfg, "wesar", False) \
+                and cfg.wesar_gate_output_layer:
+            head += 1                                               # the head's WeSaR gate
     layers = cfg.num_layers // pp * layer_parameters(cfg, tp)
     return StageParameters(layers, emb, head)
 

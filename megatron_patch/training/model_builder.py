@@ -123,6 +123,11 @@ MODEL_FLAGS = {
     "--embed-layernorm": lambda a: bool(a.get("embed_layernorm")),
     "--embed-detach-alpha": lambda a: a.get("embed_detach_alpha"),
     "--wesar": lambda a: bool(a.get("wesar")),
+    # The gate layout (a checkpoint saved before these flags existed had the fused QKV gate and
+    # no head gate, hence the defaults of a missing key).
+    "--wesar-fused-qkv-gate": lambda a: bool(a.get("wesar")) and bool(a.get("wesar_fused_qkv_gate", True)),
+    "--wesar-no-output-gate": lambda a: bool(a.get("wesar") and a.get("untie_embeddings_and_output_weights")
+                                             and a.get("wesar_no_output_gate", True)),
 }
 
 

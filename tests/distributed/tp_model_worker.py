@@ -29,7 +29,9 @@ CASES = {
     "embed_layernorm": dict(embed_layernorm=True),
     "embed_detach": dict(embed_detach_alpha=0.1),
     "plain_small_init": dict(init_style="plain", small_init=True),
-    "wesar": dict(wesar=True, wesar_init_std=0.01),
+    "wesar": dict(wesar=True, wesar_init_std=0.01),  # Q/K/V gates, gated head (gathered logits)
+    "wesar_fused_qkv+gqa": dict(wesar=True, wesar_init_std=0.01, wesar_fused_qkv_gate=True, num_query_groups=2),
+    "wesar+gqa+he": dict(wesar=True, num_query_groups=2, wesar_targets="he"),
     "embed_layernorm+sp": dict(embed_layernorm=True, sequence_parallel=True),
     "wesar+scaled_embed+sp": dict(wesar=True, scaled_embed=True, sequence_parallel=True),
 }
@@ -54,32 +56,42 @@ def run(tp: int, options: dict):
     return logits.detach(), loss.detach(), gates
 
 
-def run_z_loss(tp: int, coeff=0.05):
-    """The model's own loss (vocab-parallel cross-entropy + z-loss over the TP-split logits)."""
+def run_z_loss(tp: int, coeff=0.05, **options):
+    """The model's own loss (vocab-parallel cross-entropy + z-loss over the TP-split logits); with
+    WeSaR the head's gate sees only this rank's vocabulary shard."""
     teardown()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(0)
-    cfg = StabilityConfig(**SHAPE, tensor_model_parallel_size=tp, z_loss_coeff=coeff)
+    cfg = StabilityConfig(**SHAPE, tensor_model_parallel_size=tp, z_loss_coeff=coeff, **options)
     model = build_gpt_model(cfg, VOCAB, SEQ, share_embeddings_and_output_weights=False)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     loss = model(ids, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=ids)  # [b, s]
     loss.mean().backward()
-    return loss.detach(), model.z_loss_per_token, model.decoder.final_layernorm.weight.grad.clone()
+    # Under sequence parallelism the norm's gradient is per-rank partial until megatron's
+    # finalize_model_grads sums it; the gates are summed inside autograd.
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith("wesar_gate")]
+    if not cfg.sequence_parallel:
+        grads.append(model.decoder.final_layernorm.weight.grad)
+    return loss.detach(), model.z_loss_per_token, torch.cat(grads).clone()
 
 
 def main():
     dist.init_process_group("gloo")
     cpu.enable()
     failures = 0
-    (loss1, z1, grad1), (loss2, z2, grad2) = run_z_loss(1), run_z_loss(2)
-    ok = torch.allclose(loss1, loss2, atol=LOGIT_ATOL) and torch.allclose(z1, z2, atol=LOGIT_ATOL) \
-        and torch.allclose(grad1, grad2, rtol=GRAD_RTOL, atol=1e-9) and bool(z1.min() > 0)
-    if dist.get_rank() == 0:
-        print(f"{'OK  ' if ok else 'FAIL'} z_loss: max|loss TP1-TP2|={(loss1 - loss2).abs().max().item():.2e} "
-              f"max|grad|={(grad1 - grad2).abs().max().item():.2e}")
-    failures += not ok
+    for name, options in (("z_loss", {}), ("z_loss+wesar+sp", dict(wesar=True, sequence_parallel=True))):
+        (loss1, z1, grad1) = run_z_loss(1, **{k: v for k, v in options.items() if k != "sequence_parallel"})
+        (loss2, z2, grad2) = run_z_loss(2, **options)
+        if "sequence_parallel" in options:
+            grad1 = grad1[:grad2.numel()]  # the TP=1 run also returned the norm's gradient
+        ok = torch.allclose(loss1, loss2, atol=LOGIT_ATOL) and torch.allclose(z1, z2, atol=LOGIT_ATOL) \
+            and torch.allclose(grad1, grad2, rtol=GRAD_RTOL, atol=1e-9) and bool(z1.min() > 0)
+        if dist.get_rank() == 0:
+            print(f"{'OK  ' if ok else 'FAIL'} {name}: max|loss TP1-TP2|={(loss1 - loss2).abs().max().item():.2e} "
+                  f"max|grad|={(grad1 - grad2).abs().max().item():.2e}")
+        failures += not ok
     for name, options in CASES.items():
         logits1, loss1, gates1 = run(1, options)
         logits2, loss2, gates2 = run(2, options)

@@ -50,7 +50,8 @@ def test_transformer_engine_layers_refused_in_one_line_without_the_package():
     (NGC, ["--transformer-impl", "local"], True),  # apex's fused_weight_gradient_mlp_cuda
     (dataclasses.replace(NGC, fused_wgrad=False), ["--transformer-impl", "local"], False),
     (NGC, ["--no-gradient-accumulation-fusion"], False),
-    (NGC, ["--wesar", "--transformer-impl", "local"], False),  # alpha*W is computed every step
+    (NGC, ["--wesar", "--transformer-impl", "local"], True),  # the gate is on the output: dL/dW unchanged
+    (NGC, ["--wesar"], True),
     (GPU_NO_TE, [], False),
     (CPU, [], False),
 ])

@@ -24,7 +24,8 @@ SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initia
     (dict(scaled_embed=True, embedding_init_method_std=1.0), "one or the other"),
     (dict(init_style="kaiming"), "init_style"),
     (dict(wesar=True, wesar_init_std=-1.0), "wesar_init_std"),
-    (dict(wesar=True, gradient_accumulation_fusion=True), "gradient_accumulation_fusion"),
+    (dict(wesar_targets="he"), "only apply with wesar"),
+    (dict(wesar=True, attention_output_gate=True), "wesar_fused_qkv_gate"),
     (dict(scaled_embed=True, multi_latent_attention=True), "MLA"),
     (dict(wesar=True, num_moe_experts=4), "MoE"),
     (dict(scaled_embed=True, mtp_num_layers=1), "multi-token"),
@@ -43,7 +44,13 @@ def parse(argv):
 def test_cli_flags_map_to_fields():
     assert parse([]) == dict(init_style="scaled", small_init=False, scaled_embed=False,
                              embed_layernorm=False, embed_detach_alpha=None, wesar=False,
-                             wesar_init_std=None, z_loss_coeff=0.0)
+                             wesar_init_std=None, z_loss_coeff=0.0, wesar_targets="init",
+                             wesar_fused_qkv_gate=False, wesar_gate_output_layer=True,
+                             wesar_embedding_common_std=False)
+    kw = parse(["--wesar", "--wesar-targets", "he", "--wesar-fused-qkv-gate", "--wesar-no-output-gate",
+                "--wesar-embedding-common-std"])
+    assert kw["wesar_targets"] == "he" and kw["wesar_fused_qkv_gate"] and kw["wesar_embedding_common_std"]
+    assert kw["wesar_gate_output_layer"] is False
     assert parse(["--z-loss-coeff", "1e-4"])["z_loss_coeff"] == 1e-4
     assert parse(["--embed-detach-alpha"])["embed_detach_alpha"] == 0.1
     assert parse(["--embed-detach-alpha", "0.3"])["embed_detach_alpha"] == 0.3
@@ -55,6 +62,8 @@ def test_cli_flags_map_to_fields():
         parse(["--small-init", "--init-method-std", "0.02"])
     with pytest.raises(StabilityConfigError, match="needs --wesar"):
         parse(["--wesar-init-std", "0.01"])
+    with pytest.raises(StabilityConfigError, match="--wesar-fused-qkv-gate needs --wesar"):
+        parse(["--wesar-fused-qkv-gate"])
 
 
 @pytest.mark.parametrize("options, new_names", [

@@ -39,6 +39,17 @@ def test_every_paper_run_validates_and_fits_its_cluster(size, method, lr):
         assert args.lr == float(lr)
 
 
+@pytest.mark.parametrize("size", plan_table.SIZES)
+def test_wesar_plans_vanillas_memory_and_layout(size):
+    """The gates sit on the linears' outputs, so WeSaR runs on the same (TE) layers as Vanilla:
+    same layout, memory within 5%, parameters differing by the gates only."""
+    (va, vp), (wa, wp) = plan_table.plan_run(size, "vanilla"), plan_table.plan_run(size, "wesar")
+    assert (wa.tensor_model_parallel_size, wa.pipeline_model_parallel_size, wa.micro_batch_size) == \
+        (va.tensor_model_parallel_size, va.pipeline_model_parallel_size, va.micro_batch_size)
+    assert abs(wp["memory"].total / vp["memory"].total - 1) < 0.05
+    assert wp["parameters"] - vp["parameters"] == 6 * va.num_layers  # Q, K, V, O, fc1, fc2 (tied head)
+
+
 def test_every_value_states_its_source():
     files = [PAPER / "common.args", *(PAPER / "sizes").glob("*.args"), *(PAPER / "methods").glob("*.args")]
     assert len(files) == 1 + len(plan_table.SIZES) + len(plan_table.METHODS)
