@@ -45,6 +45,7 @@ METHODS = {
     "xavier": ("plain_init", {}),                       # [SNM v4]'s name for no depth scaling
     "wesar": ("wesar", {}),                             # common sigma^2 = 4e-5 ([WeSaR])
     "wesar_init_sigma": ("wesar", {"wesar_sigma": "init"}),  # common sigma = the init's sigma
+    "wesar_he": ("wesar", {"flags": "--wesar-targets he"}),  # [WeSaR]'s He backbone [unverified]
 }
 
 
@@ -100,6 +101,7 @@ def run_argv(args, width, method, lr, seed, run_dir):
     recipe.hidden_size, recipe.num_attention_heads = width, width // args.head_dim
     if extra.get("wesar_sigma") == "init":
         recipe.wesar_init_std = round(init_std(recipe, width), 7)
+    recipe.extra = " ".join(x for x in (recipe.extra, extra.get("flags", "")) if x)
     return sweep.training_argv(recipe, base, lr, seed, run_dir)
 
 
