@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -189,7 +190,8 @@ def train_one(job):
     from megatron_patch.training.pretrain import run
 
     name, argv, run_dir, margin = job
-    os.makedirs(run_dir, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt left (its monitor.jsonl)
+    os.makedirs(run_dir)
     rec, stopped, t0 = Recorder(), None, time.time()
     with open(os.path.join(run_dir, "train.log"), "w", encoding="utf-8") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
