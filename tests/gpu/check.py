@@ -9,7 +9,8 @@ Parts (each a subprocess of the real entry points, so a crash in one does not hi
   fp16_scaler   fp16 with dynamic loss scaling: the scale falls from 2^32 and settles, loss falls
   te_export     a TE-layer checkpoint evaluated (tools/evaluate.py) and exported to HF; the
                 export's logits against megatron's
-  step_time     WeSaR's and Embed LN's step time against Vanilla's (same shape, interleaved)
+  step_time     WeSaR's and Embed LN's step time and peak memory against Vanilla's, all on
+                Transformer Engine layers (same shape, interleaved)
 Without CUDA every GPU part is skipped and the summary says so (exit 0): the CPU path is tested.
 OUT_DIR gets summary.json, summary.txt and one log per part.
 """
@@ -30,7 +31,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 LOG_FIELDS = {"tokens_per_s": r"tokens per second: ([0-9.]+)", "tflops": r"TFLOP/s per device: ([0-9.e+-]+)",
               "mfu_percent": r"MFU: ([0-9.]+)%", "ms_per_iter": r"elapsed time per iteration \(ms\): ([0-9.]+)",
               "loss": r"lm loss: ([0-9.E+-]+)", "loss_scale": r"loss scale: ([0-9.]+)",
-              "skipped": r"number of skipped iterations:\s+(\d+)"}
+              "skipped": r"number of skipped iterations:\s+(\d+)", "memory_mib": r"memory \(MiB\): ([0-9.]+)"}
 SHAPE_350M = ["--num-layers", "24", "--hidden-size", "1024", "--num-attention-heads", "16",
               "--ffn-hidden-size", "4096", "--seq-length", "2048", "--max-position-embeddings", "2048"]
 COMMON = ["--mock-data", "--vocab-size", "50257", "--tokenizer-type", "NullTokenizer", "--lr", "3e-4",
@@ -152,27 +153,30 @@ def _export_logit_diff(ckpt: Path, hf_dir: Path) -> float:
 
 
 def step_time(out: Path, quick: bool) -> dict:
-    """Median ms/iteration of each method, runs interleaved over `rounds` so drift hits all alike."""
+    """Median ms/iteration and peak memory of each method, runs interleaved over rounds so drift
+    hits all alike."""
     shape = ["--num-layers", "12", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "1024",
              "--max-position-embeddings", "1024", "--micro-batch-size", "8", "--train-iters", "20",
              "--log-interval", "10", "--bf16", *COMMON]
     methods = {"vanilla_te": ["--transformer-impl", "transformer_engine"],
                "embed_ln_te": ["--transformer-impl", "transformer_engine", "--embed-layernorm"],
-               "vanilla_local": ["--transformer-impl", "local"],
-               "wesar_local": ["--transformer-impl", "local", "--wesar"]}
-    times = {m: [] for m in methods}
+               "wesar_te": ["--transformer-impl", "transformer_engine", "--wesar"]}
+    times, memory = {m: [] for m in methods}, {}
     for r in range(1 if quick else 2):
         for name, extra in methods.items():
             result = pretrain(out, f"step_time_{name}_{r}", shape + extra)
             if result.get("ms_per_iter"):
                 times[name].append(result["ms_per_iter"])
+            if result.get("memory_mib"):
+                memory[name] = max(memory.get(name, 0.0), result["memory_mib"])
     med = {m: sorted(t)[len(t) // 2] for m, t in times.items() if t}
     ratios = {}
     if "vanilla_te" in med:
-        ratios["embed_ln_te / vanilla_te"] = med.get("embed_ln_te", float("nan")) / med["vanilla_te"]
-    if "vanilla_local" in med:
-        ratios["wesar_local / vanilla_local"] = med.get("wesar_local", float("nan")) / med["vanilla_local"]
-    return {"ok": len(med) == len(methods), "ms_per_iter": med, "ratios": ratios}
+        for name in ("embed_ln_te", "wesar_te"):
+            ratios[f"{name} / vanilla_te"] = med.get(name, float("nan")) / med["vanilla_te"]
+    if "vanilla_te" in memory and "wesar_te" in memory:
+        ratios["memory wesar_te / vanilla_te"] = memory["wesar_te"] / memory["vanilla_te"]
+    return {"ok": len(med) == len(methods), "ms_per_iter": med, "memory_mib": memory, "ratios": ratios}
 
 
 PARTS = ("gpu_tests", "throughput", "fp16_scaler", "te_export", "step_time")

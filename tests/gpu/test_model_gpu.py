@@ -40,22 +40,28 @@ def _batch(vocab=256, seq=32):
 @pytest.mark.parametrize("options", [{}, dict(scaled_embed=True), dict(embed_layernorm=True),
                                      dict(embed_detach_alpha=0.1), dict(wesar=True)])
 def test_options_run_on_gpu(mcore_cuda, impl, options):
-    from megatron_patch.config import StabilityConfig, StabilityConfigError
+    from megatron_patch.config import StabilityConfig
     from megatron_patch import capabilities
     from megatron_patch.model import build_gpt_model
 
     if impl == "transformer_engine" and not capabilities.detect().transformer_engine:
         pytest.skip("Transformer Engine is not installed")
     cfg = StabilityConfig(**SHAPE, **options)
-    if impl == "transformer_engine" and options.get("wesar"):
-        with pytest.raises(StabilityConfigError):
-            build_gpt_model(cfg, 256, 32, transformer_impl=impl)
-        return
     model = build_gpt_model(cfg, 256, 32, transformer_impl=impl).cuda()
     ids, pos = _batch()
     loss = model(ids, pos, None, labels=ids).mean()
     loss.backward()
     assert torch.isfinite(loss)
+    if options.get("wesar"):  # gates on TE's fused linears: every gate learns, the fold keeps the function
+        from megatron_patch.wesar import fold_wesar_gates, wesar_layers
+
+        layers = wesar_layers(model)
+        assert len(layers) == 4 * SHAPE["num_layers"] + 1
+        assert all(l.wesar_gate.grad is not None and bool((l.wesar_gate.grad != 0).all()) for _, l in layers)
+        with torch.no_grad():
+            before = model(ids, pos, None)
+            fold_wesar_gates(model)
+            assert torch.allclose(model(ids, pos, None), before, rtol=1e-4, atol=1e-4)
     if options.get("scaled_embed"):
         out = model.embedding(input_ids=ids, position_ids=pos)
         expected = math.sqrt(128) * math.sqrt(2) * cfg.embedding_init_method_std

@@ -37,7 +37,8 @@ def test_figures_are_read_from_the_trainers_log_line():
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = check.last_log_line(proc.stdout)
-    assert set(figures) >= {"tokens_per_s", "tflops", "mfu_percent", "ms_per_iter", "loss_scale", "skipped"}
+    assert set(figures) >= {"tokens_per_s", "tflops", "mfu_percent", "ms_per_iter", "loss_scale", "skipped",
+                            "memory_mib"}
     assert figures["tokens_per_s"] > 0 and figures["loss_scale"] < 2.0 ** 32
     assert figures["mfu_percent"] == pytest.approx(100 * figures["tflops"], rel=1e-2, abs=1e-2)
 
@@ -46,7 +47,7 @@ def test_summary_names_failures_and_figures():
     lines = check.summary_lines({"device": "NVIDIA H200", "parts": {
         "gpu_tests": {"ok": True, "summary": "12 passed"}, "throughput": {"ok": True, "tokens_per_s": 12345.6},
         "fp16_scaler": {"ok": False, "error": "boom"}, "te_export": {"ok": True, "skipped": "no TE"},
-        "step_time": {"ok": True, "ratios": {"wesar_local / vanilla_local": 1.02}}}})
+        "step_time": {"ok": True, "ratios": {"wesar_te / vanilla_te": 1.02}}}})
     assert lines[0] == "GPU check: NVIDIA H200"
     assert "throughput   ok   tokens_per_s=1.235e+04" in lines[2]
     assert "FAIL error=boom" in lines[3] and "skipped: no TE" in lines[4]
