@@ -20,7 +20,8 @@ VARIANTS = {
     "scaled_embed": dict(scaled_embed=True),
     "embed_detach": dict(embed_detach_alpha=0.1),
     "embed_layernorm": dict(embed_layernorm=True),
-    "wesar": dict(wesar=True),
+    "wesar": dict(wesar=True),                          # Q/K/V gates + gated head
+    "wesar_fused_qkv": dict(wesar=True, wesar_fused_qkv_gate=True),
     "plain_init": dict(init_style="plain"),
 }
 

@@ -1,8 +1,8 @@
 """[WeSaR] weight scaling as reparameterization: W_bar = alpha * W with a trainable scalar alpha.
 
-The gate is applied on the output side: (alpha * W) x = alpha * (W x), with the bias outside the
-gate (alpha * (W x) + b). That is the same function as the paper's W_bar with no copy of W, so
-it wraps any linear layer whatever computes W x: megatron-core's Column/RowParallelLinear, or
+The gate is applied to the linear's input or output, never to W: (alpha * W) x = alpha * (W x)
+= W (alpha * x), with the bias outside the gate (alpha * (W x) + b). That is the same function as
+the paper's W_bar with no copy of W, so it wraps any linear layer whatever computes W x: megatron-core's Column/RowParallelLinear, or
 Transformer Engine's fused ones (`TELayerNormColumnParallelLinear`, `TERowParallelLinear`), with
 gradient-accumulation fusion too (the linear's weight gradient is then alpha * dL/d(W_bar x)
 outer x = dL/dW, written to main_grad by the linear itself).
@@ -16,13 +16,14 @@ secondary summaries and YuLan-Mini's public model code, [unverified]):
 The embedding is never gated ([WeSaR]: gate 1); `wesar_embedding_common_std` puts it at the
 common std instead of its own.
 
-Tensor parallelism: alpha is replicated on every TP rank. dL/dalpha = sum(y * dL/dy) over the
-whole output y = W x; where this rank holds only part of y the per-rank sums are added over the
-TP group (`copy_to_tensor_model_parallel_region`: identity forward, all-reduce backward), inside
-autograd. Part of y lives here when the layer is column-parallel (each rank owns whole output
-columns, hence whole query groups of QKV) and its output is not gathered, or row-parallel with
-sequence parallelism (the reduce-scatter leaves a sequence shard). A row-parallel output without
-it is already all-reduced: every rank holds the whole y and the same gradient, nothing to add.
+Tensor parallelism: alpha is replicated on every TP rank. dL/dalpha = sum(t * dL/dt) over the
+whole tensor t the gate scales; where this rank holds only part of t the per-rank sums are added
+over the TP group (`copy_to_tensor_model_parallel_region`: identity forward, all-reduce
+backward), inside autograd. Part of t lives here for a column-parallel output (each rank owns
+whole output columns, hence whole query groups of QKV) unless gathered, and for a row-parallel
+input (split along the hidden dim). A column-parallel input and a row-parallel output are whole
+on every rank (with the same gradient) except under sequence parallelism, whose sequence shards
+are partial again.
 """
 
 import math
@@ -32,6 +33,39 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.utils import init_method_normal
 
 _GATED_CLASSES = {}
+
+
+class _Scale(torch.autograd.Function):
+    """z = scale * y (+ bias), per row block of the last dim when `blocks` is given.
+
+    Saves its output z, not y: downstream ops keep z anyway (attention's q/k/v are views of it,
+    the activation saves its input, the next linear saves its input) and y is freed on return, so
+    the gate adds no activation memory, where autograd's own scale * y would keep y alive for
+    backward. y = (z - bias) / scale recovers what dL/dscale = sum(dL/dz * y) needs. The gates
+    start at target/common > 0; a gate trained to exactly 0 would make its gradient non-finite
+    (loudly: the NaN checks and the spike monitor see it)."""
+
+    @staticmethod
+    def forward(ctx, y, scale, bias, blocks):
+        ctx.blocks, ctx.has_bias = blocks, bias is not None
+        z = y * scale if blocks is None else (y.view(-1, *blocks) * scale).view_as(y)
+        if bias is not None:
+            z = z.add_(bias)
+        ctx.save_for_backward(z, scale, bias)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, scale, bias = ctx.saved_tensors
+        y_times_scale = z - bias if ctx.has_bias else z
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        if ctx.blocks is None:
+            grad_scale = (grad * y_times_scale).sum(dtype=torch.float32).reshape(1) / scale.float()
+            return grad * scale, grad_scale.to(scale.dtype), grad_bias, None
+        shaped = grad.reshape(-1, *ctx.blocks)
+        grad_scale = (shaped * y_times_scale.view(-1, *ctx.blocks)).sum(dim=(0, 2), dtype=torch.float32)
+        grad_scale = (grad_scale.unsqueeze(-1) / scale.float()).to(scale.dtype)
+        return (shaped * scale).view_as(grad), grad_scale, grad_bias, None
 
 
 def target_stds(config) -> dict:
@@ -54,24 +88,31 @@ def target_stds(config) -> dict:
 
 
 class _WeSaRGate:
-    """Mixin over a linear layer class: adds `wesar_gate` and scales the layer's output by it.
-
-    The gate has shape [1], or [3] (alpha_q, alpha_k, alpha_v) for a QKV layer with separate
-    gates; megatron-core's optimizer skips weight decay on 1-D parameters, gates included."""
+    """Mixin over a linear layer class: adds `wesar_gate` and applies it on the side of the layer
+    where it costs least, alpha * (W x) = W (alpha * x):
+      - output side for column-parallel layers (QKV, whose three gates need the output's row
+        blocks; fc1, whose input may be normalised inside TE's fused LayerNorm-linear); the bias
+        is taken apart from the linear and added after the gate;
+      - input side for row-parallel layers (W_O, W_2) and the head: the scaled input is what the
+        linear saves for its weight gradient anyway, and it is the smaller tensor for the head.
+    Either way the saved tensor is one that is kept in any case, so the gate adds no activation
+    memory (`_Scale`). The gate has shape [1], or [3] (alpha_q, alpha_k, alpha_v) for a QKV
+    layer with separate gates; megatron-core's optimizer skips weight decay on 1-D parameters."""
 
     def __init__(self, *args, config, init_method, skip_bias_add=False, wesar_target_std,
                  wesar_parallel_mode, wesar_qkv=False, **kwargs):
         # W ~ N(0, common_std^2) for every gated matrix, whatever the init scheme ([WeSaR] §3).
-        # The linear returns its bias apart, and forward() adds it after the gate.
+        output_side = wesar_parallel_mode == "column"
         super().__init__(*args, config=config, init_method=init_method_normal(config.wesar_init_std),
-                         skip_bias_add=True, **kwargs)
+                         skip_bias_add=True if output_side else skip_bias_add, **kwargs)
         self._setup_wesar_gate(config, wesar_target_std, wesar_parallel_mode, wesar_qkv,
-                               adds_bias=not skip_bias_add)
+                               side="output" if output_side else "input",
+                               adds_bias=output_side and not skip_bias_add)
 
-    def _setup_wesar_gate(self, config, target_std, parallel_mode, qkv, adds_bias):
+    def _setup_wesar_gate(self, config, target_std, parallel_mode, qkv, side, adds_bias=False):
         if parallel_mode not in ("column", "row"):
             raise ValueError(f"wesar_parallel_mode must be 'column' or 'row', got {parallel_mode!r}")
-        self.wesar_parallel_mode, self.wesar_adds_bias = parallel_mode, adds_bias
+        self.wesar_parallel_mode, self.wesar_side, self.wesar_adds_bias = parallel_mode, side, adds_bias
         self.wesar_sequence_parallel = bool(config.sequence_parallel)
         # (query heads per group + 2, head dim): the row blocks of one query group in megatron's
         # fused QKV layout [q_1..q_n, k, v] per group; None = one gate for the whole matrix.
@@ -93,29 +134,32 @@ class _WeSaRGate:
         n_q = self.wesar_qkv_blocks[0] - 2
         return torch.cat([gate[:1].expand(n_q), gate[1:]]).unsqueeze(-1)
 
-    def _wesar_output_is_partial(self, gathered: bool) -> bool:
-        if self.wesar_parallel_mode == "column":
+    def _wesar_scaled_is_partial(self, gathered: bool) -> bool:
+        """Does this rank hold only part of the tensor the gate scales (so dL/dalpha is a
+        per-rank partial sum)? Output of a column-parallel layer: yes unless gathered. Input
+        of a row-parallel layer: yes (split along the hidden dim). Output of a row-parallel
+        layer and input of a column-parallel one: only under sequence parallelism."""
+        if (self.wesar_parallel_mode == "column") == (self.wesar_side == "output"):
             return not gathered
         return self.wesar_sequence_parallel
 
-    def forward(self, *args, **kwargs):
-        output, bias = super().forward(*args, **kwargs)
+    def _wesar_scale(self, tensor, gathered=False, bias=None):
+        scale = self.wesar_channel_scale()
+        if self._wesar_scaled_is_partial(gathered):
+            scale = copy_to_tensor_model_parallel_region(
+                scale, group=getattr(self, "tp_group", None) or getattr(self, "_tp_group", None))
+        return _Scale.apply(tensor, scale.to(tensor.dtype), bias, self.wesar_qkv_blocks)
+
+    def forward(self, input_, *args, **kwargs):
+        if self.wesar_side == "input":
+            return super().forward(self._wesar_scale(input_), *args, **kwargs)
+        output, bias = super().forward(input_, *args, **kwargs)
         gathered = kwargs.get("runtime_gather_output")
         if gathered is None:
             gathered = getattr(self, "gather_output", False)
-        scale = self.wesar_channel_scale()
-        if self._wesar_output_is_partial(gathered):
-            scale = copy_to_tensor_model_parallel_region(
-                scale, group=getattr(self, "tp_group", None) or getattr(self, "_tp_group", None))
-        scale = scale.to(output.dtype)
-        if self.wesar_qkv_blocks is None:
-            output = output * scale
-        else:
-            shape = output.shape
-            output = (output.view(*shape[:-1], -1, *self.wesar_qkv_blocks) * scale).view(shape)
-        if self.wesar_adds_bias and bias is not None:
-            return output + bias, None
-        return output, (None if self.wesar_adds_bias else bias)
+        if self.wesar_adds_bias:  # alpha * (W x) + b in one op
+            return self._wesar_scale(output, gathered, bias), None
+        return self._wesar_scale(output, gathered), bias
 
     @torch.no_grad()
     def fold_wesar_gate(self) -> None:
@@ -151,8 +195,7 @@ def gate_output_layer(model: torch.nn.Module, config, target_std: float) -> None
     layer = model.output_layer
     layer.weight.mul_(config.wesar_init_std / config.init_method_std)
     layer.__class__ = gated_class(type(layer))
-    layer._setup_wesar_gate(config, target_std, "column", qkv=False, adds_bias=not layer.skip_bias_add)
-    layer.skip_bias_add = True
+    layer._setup_wesar_gate(config, target_std, "column", qkv=False, side="input")
 
 
 def wesar_layers(model: torch.nn.Module):

@@ -179,3 +179,28 @@ def test_default_common_std_is_the_papers(mcore):
     assert model.config.wesar_init_std == pytest.approx(math.sqrt(4e-5))
     weight = model.decoder.layers[0].mlp.linear_fc1.weight
     assert weight.std().item() == pytest.approx(math.sqrt(4e-5), rel=0.05)
+
+
+def _saved_bytes(model):
+    """Bytes of the distinct storages autograd keeps for backward in one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits(model).sum()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gates_keep_no_extra_activations(mcore, tied, bias):
+    """Each gate saves a tensor that backward keeps anyway (plus the few gate scalars); autograd's
+    own alpha * y would keep every pre-gate output alive too. (With biases, fc1's bias goes to
+    megatron's fused bias-GELU, as on a GPU; unfused, torch's bias add would save its own copy.)"""
+    shape = {**SHAPE, "add_bias_linear": bias, "bias_activation_fusion": bias}
+    plain = _saved_bytes(build(tied=tied, shape=shape))
+    gated = _saved_bytes(build(tied=tied, shape=shape, wesar=True))
+    assert gated <= plain * 1.001, (plain, gated)
