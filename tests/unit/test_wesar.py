@@ -204,3 +204,20 @@ def test_gates_keep_no_extra_activations(mcore, tied, bias):
     plain = _saved_bytes(build(tied=tied, shape=shape))
     gated = _saved_bytes(build(tied=tied, shape=shape, wesar=True))
     assert gated <= plain * 1.001, (plain, gated)
+
+
+def test_resume_of_a_checkpoint_with_the_earlier_gate_layout_names_the_flags():
+    """Checkpoints saved before separate Q/K/V gates and the head gate hold one QKV gate and no
+    head gate: the resume check names the two flags that rebuild that layout."""
+    import argparse
+
+    from megatron_patch.training.model_builder import model_flag_differences
+
+    old = dict(wesar=True, untie_embeddings_and_output_weights=True)  # no wesar_* layout keys
+    run = dict(old, wesar_fused_qkv_gate=False, wesar_no_output_gate=False)
+    found = [d for d in model_flag_differences(old, argparse.Namespace(**run)) if "gate" in d]
+    assert found == ["--wesar-fused-qkv-gate: checkpoint given, this run not given",
+                     "--wesar-no-output-gate: checkpoint given, this run not given"]
+    matching = dict(old, wesar_fused_qkv_gate=True, wesar_no_output_gate=True)
+    assert not [d for d in model_flag_differences(old, argparse.Namespace(**matching)) if "gate" in d]
+    assert not [d for d in model_flag_differences(run, argparse.Namespace(**run)) if "gate" in d]
