@@ -213,7 +213,8 @@ def test_resume_of_a_checkpoint_with_the_earlier_gate_layout_names_the_flags():
 
     from megatron_patch.training.model_builder import model_flag_differences
 
-    old = dict(wesar=True, untie_embeddings_and_output_weights=True)  # no wesar_* layout keys
+    old = dict(wesar=True, untie_embeddings_and_output_weights=True, hidden_size=64,
+               num_attention_heads=4)  # and no wesar_* layout keys
     run = dict(old, wesar_fused_qkv_gate=False, wesar_no_output_gate=False)
     found = [d for d in model_flag_differences(old, argparse.Namespace(**run)) if "gate" in d]
     assert found == ["--wesar-fused-qkv-gate: checkpoint given, this run not given",
