@@ -3,6 +3,9 @@
 Every field defaults to upstream behaviour: `StabilityConfig()` with no new field set builds the
 exact model stock megatron-core builds. References:
   [SNM]   Takase et al., "Spike No More: Stabilizing the Pre-training of LLMs", arXiv 2312.16903.
+          Equation numbers are v2's, read first-hand; v4 (COLM 2025) renumbers them (LN Jacobian
+          Eq. 12-14, FFN bound Eq. 15, attention bound Eq. 20) and states the condition as *small
+          sub-layers* and a *large shortcut*; the v4 numbers are second-hand [unverified].
   [WeSaR] Nishida et al., "Initialization of LLMs via Reparameterization to Mitigate Loss
           Spikes", EMNLP 2024 (arXiv 2410.05052).
 """
@@ -42,7 +45,8 @@ class StabilityConfig(TransformerConfig):
     scaled_embed: bool = False
     """[SNM] §4 "Scaled Embed": multiply the embedding output by sqrt(d) so that the input of
     the first LayerNorm has std near 1 (sqrt(2/5) for small init) and the LN Jacobian, which is
-    proportional to 1/std(input) ([SNM] Eq. 9-10), no longer amplifies gradients."""
+    proportional to 1/std(input) ([SNM v2] Eq. 9-10; Eq. 12-14 in v4 [unverified]), no longer
+    amplifies gradients."""
 
     embed_layernorm: bool = False
     """[SNM] §4 "Embed LN": a LayerNorm (the model's normalization type, fp32 parameters like

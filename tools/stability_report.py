@@ -1,13 +1,17 @@
 """Why will my run spike? [SNM]'s per-layer quantities at initialisation, per stabilization option.
 
+[SNM v4]'s two conditions for a stable start: *small sub-layers* (the FFN and attention bounds
+below stay near 1) and a *large shortcut* (sigma_x, the residual stream's std, not tiny, so the
+LN Jacobian ~ (1/sigma_x) I does not amplify gradients).
+
 Builds the model given by the flags (Megatron-LM names; a small default model without flags) at
 init on CPU, once as configured and once per stabilization option, runs one batch of random
 tokens through it and prints per layer:
   sigma_x    std of the attention LN input (the residual stream entering layer i)
-  1/sigma_x  the LN Jacobian factor [SNM] Eq. 9-10 predicts
+  1/sigma_x  the LN Jacobian factor [SNM v2] Eq. 9-10 predicts (v4: Eq. 12-14 [unverified])
   gain       measured ||J_LN^T g|| / ||g|| through that LN
   sigma_x'   std of the FFN LN input
-  ffn bound  [SNM]'s bound 1 + sigma1*sigma2/sigma_x' * (sqrt(d) + sqrt(d_ffn))^2 on ||dy/dx||
+  ffn bound  [SNM]'s FFN bound (v4: Eq. 15 [unverified]) 1 + sigma1*sigma2/sigma_x' * (sqrt(d) + sqrt(d_ffn))^2 on ||dy/dx||
   |g qkv|, |g fc1|  gradient norms of the layer's QKV and fc1 weights
 and flags layers whose predicted LN factor says gradients will be amplified (1/sigma_x > 10).
 
@@ -29,7 +33,8 @@ from megatron_patch.monitor.layer_stats import LayerNormProbes, layer_index  # n
 AMPLIFIED = 10.0
 VARIANTS = {
     "vanilla": {},
-    "plain_init": dict(init_style="plain"),
+    "xavier_init": dict(init_style="xavier"),  # [SNM v4]'s name for no depth scaling
+    "sigma1_embedding": dict(embedding_init_method_std=1.0),  # [SNM v4]: also meets the condition
     "embed_detach": dict(embed_detach_alpha=0.1),
     "embed_layernorm": dict(embed_layernorm=True),
     "scaled_embed": dict(scaled_embed=True),
@@ -68,9 +73,8 @@ def measure(args, options: dict):
     cfg = StabilityConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, normalization=args.normalization,
-        init_method_std=args.init_method_std or 0.02,
-        embedding_init_method_std=args.embedding_init_method_std,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, **options)
+        init_method_std=args.init_method_std or 0.02, use_cpu_initialization=True, hidden_dropout=0.0,
+        attention_dropout=0.0, **{"embedding_init_method_std": args.embedding_init_method_std, **options})
     model = build_gpt_model(cfg, args.vocab_size, args.seq_length, transformer_impl="local")
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)

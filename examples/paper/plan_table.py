@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SIZES = ("350m", "1.7b", "13b")
-METHODS = ("vanilla", "embed_detach", "embed_ln", "scaled_embed", "wesar")
+METHODS = ("vanilla", "embed_detach", "embed_ln", "scaled_embed", "xavier_init", "sigma1_embed", "wesar")
 # The cluster each size is planned for in docs/reproduce.md: (nodes, GPUs per node, GB per GPU).
 CLUSTERS = {"350m": (1, 8, 80), "1.7b": (1, 8, 80), "13b": (4, 8, 80)}
 PEAK_TFLOPS, MFU = 989.0, 0.40  # H100 SXM dense fp16/bf16; an assumed utilisation for the days column

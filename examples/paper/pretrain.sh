@@ -2,7 +2,7 @@
 # One "Spike No More" paper run: model size x method (x learning rate) on this node or cluster.
 #
 #   bash examples/paper/pretrain.sh --size {350m,1.7b,13b} \
-#        --method {vanilla,embed_detach,embed_ln,scaled_embed,wesar} [--lr X] [--precision fp16|bf16] \
+#        --method {vanilla,embed_detach,embed_ln,scaled_embed,xavier_init,sigma1_embed,wesar} [--lr X] [--precision fp16|bf16] \
 #        [--run-dir DIR] [--dry-run | --print-flags] [-- more pretrain_gpt.py flags]
 #
 # The flags come from readable files, later ones overriding earlier ones:

@@ -62,7 +62,8 @@ def test_every_value_states_its_source():
 def test_methods_differ_only_by_their_own_flags():
     base = plan_table.paper_argv("350m", "vanilla")
     for method, flag in (("embed_detach", "--embed-detach-alpha"), ("embed_ln", "--embed-layernorm"),
-                         ("scaled_embed", "--scaled-embed"), ("wesar", "--wesar")):
+                         ("scaled_embed", "--scaled-embed"), ("wesar", "--wesar"),
+                         ("xavier_init", "xavier"), ("sigma1_embed", "--embedding-init-method-std")):
         argv = plan_table.paper_argv("350m", method)
         assert flag in argv and flag not in base
         assert [w for w in base if w not in argv] in ([], ["transformer_engine"], ["5e-4"])

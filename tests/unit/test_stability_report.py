@@ -33,6 +33,14 @@ def test_vanilla_amplifies_where_the_fixes_do_not(mcore):
         assert rows[0]["g_qkv"] == pytest.approx(rows[-1]["g_qkv"], rel=0.3)
 
 
+def test_sigma1_embedding_meets_the_condition_like_the_fixes(mcore):
+    """[SNM v4]: an embedding initialised at sigma = 1 also keeps the first LN input std near 1."""
+    args = report.parse_args(ARGS)
+    _, vanilla = report.measure(args, {})
+    _, sigma1 = report.measure(args, report.VARIANTS["sigma1_embedding"])
+    assert sigma1[0]["attn_std"] > 1.0 and vanilla[0]["g_qkv"] > 5 * sigma1[0]["g_qkv"]
+
+
 def test_contradictory_flags_exit_with_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.main(ARGS + ["--scaled-embed", "--embed-layernorm"])
