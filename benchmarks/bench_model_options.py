@@ -22,6 +22,7 @@ VARIANTS = {
     "embed_layernorm": dict(embed_layernorm=True),
     "wesar": dict(wesar=True),                          # Q/K/V gates + gated head
     "wesar_fused_qkv": dict(wesar=True, wesar_fused_qkv_gate=True),
+    "wesar_activation": dict(wesar=True, wesar_gate_side="activation"),  # how TE linears are gated
     "plain_init": dict(init_style="plain"),
 }
 

@@ -85,6 +85,12 @@ class StabilityConfig(TransformerConfig):
     """[WeSaR] gate the prediction head too (only when it is untied from the embedding; a tied
     head is the embedding table, which stays at gate 1)."""
 
+    wesar_gate_side: Literal["auto", "weight", "activation"] = "auto"
+    """[WeSaR] where alpha is applied (the function is the same): "weight" passes alpha * W to
+    megatron-core's local linears (cheapest in time); "activation" scales the linear's output or
+    input (Transformer Engine's linears, and local ones with gradient-accumulation fusion, which
+    need W itself; no extra memory). "auto": weight where possible, else activation."""
+
     wesar_embedding_common_std: bool = False
     """[WeSaR] initialise the word (and position) embedding at the common std with gate 1,
     instead of embedding_init_method_std."""
@@ -165,7 +171,10 @@ class StabilityConfig(TransformerConfig):
             ("wesar_fused_qkv_gate", self.wesar_fused_qkv_gate),
             ("wesar_gate_output_layer=False", not self.wesar_gate_output_layer),
             ("wesar_embedding_common_std", self.wesar_embedding_common_std),
+            (f"wesar_gate_side={self.wesar_gate_side!r}", self.wesar_gate_side != "auto"),
         ) if on]
+        if self.wesar_gate_side not in ("auto", "weight", "activation"):
+            fail(f"wesar_gate_side must be 'auto', 'weight' or 'activation', got {self.wesar_gate_side!r}")
         if wesar_only and not self.wesar:
             fail(f"{', '.join(wesar_only)} only apply with wesar=True")
         if self.wesar and self.attention_output_gate and not self.wesar_fused_qkv_gate:
@@ -213,6 +222,9 @@ def add_stability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="One WeSaR gate for the fused QKV matrix instead of three (W_q, W_k, W_v).")
     g.add_argument("--wesar-no-output-gate", action="store_true",
                    help="Do not gate the untied prediction head (gated by default under --wesar).")
+    g.add_argument("--wesar-gate-side", choices=["auto", "weight", "activation"], default="auto",
+                   help="Where the gate multiplies (same function): weight (alpha*W, local linears), "
+                        "activation (the linear's output or input; TE linears), auto: weight where possible.")
     g.add_argument("--wesar-embedding-common-std", action="store_true",
                    help="Initialise the embedding at WeSaR's common std (gate 1).")
     g.add_argument("--z-loss-coeff", type=float, default=0.0, metavar="C",
@@ -234,6 +246,7 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
         ("--wesar-fused-qkv-gate", getattr(args, "wesar_fused_qkv_gate", False)),
         ("--wesar-no-output-gate", getattr(args, "wesar_no_output_gate", False)),
         ("--wesar-embedding-common-std", getattr(args, "wesar_embedding_common_std", False)),
+        ("--wesar-gate-side", getattr(args, "wesar_gate_side", "auto") != "auto"),
     ) if on]
     if wesar_flags and not args.wesar:
         raise StabilityConfigError(f"{' '.join(wesar_flags)} needs --wesar")
@@ -249,5 +262,6 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
         wesar_fused_qkv_gate=getattr(args, "wesar_fused_qkv_gate", False),
         wesar_gate_output_layer=not getattr(args, "wesar_no_output_gate", False),
         wesar_embedding_common_std=getattr(args, "wesar_embedding_common_std", False),
+        wesar_gate_side=getattr(args, "wesar_gate_side", "auto"),
         z_loss_coeff=getattr(args, "z_loss_coeff", 0.0),
     )

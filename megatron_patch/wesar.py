@@ -87,27 +87,39 @@ def target_stds(config) -> dict:
                 fc1=he(d), fc2=he(config.ffn_hidden_size) * depth, head=he(d))
 
 
+def gate_side(base: type, config, parallel_mode: str) -> str:
+    """Where a layer's gate is applied: "weight" (alpha * W into the matmul; the cheapest, one
+    weight-sized temporary) for megatron-core's own linears without gradient-accumulation fusion;
+    otherwise "output" for column-parallel layers (QKV, whose three gates need the output's row
+    blocks; fc1, whose input may be normalised inside TE's fused LayerNorm-linear) and "input" for
+    row-parallel ones (W_O, W_2). `wesar_gate_side="activation"` forces the latter two, which is
+    how Transformer Engine's linears are gated, so CPU tests run that code path too."""
+    can_weight = hasattr(base, "_forward_impl") and not config.gradient_accumulation_fusion
+    if config.wesar_gate_side == "weight" and not can_weight:
+        raise ValueError("wesar_gate_side='weight' needs megatron-core's local linears without "
+                         "gradient-accumulation fusion (Transformer Engine's linear reads its own weight)")
+    if can_weight and config.wesar_gate_side != "activation":
+        return "weight"
+    return "output" if parallel_mode == "column" else "input"
+
+
 class _WeSaRGate:
-    """Mixin over a linear layer class: adds `wesar_gate` and applies it on the side of the layer
-    where it costs least, alpha * (W x) = W (alpha * x):
-      - output side for column-parallel layers (QKV, whose three gates need the output's row
-        blocks; fc1, whose input may be normalised inside TE's fused LayerNorm-linear); the bias
-        is taken apart from the linear and added after the gate;
-      - input side for row-parallel layers (W_O, W_2) and the head: the scaled input is what the
-        linear saves for its weight gradient anyway, and it is the smaller tensor for the head.
-    Either way the saved tensor is one that is kept in any case, so the gate adds no activation
-    memory (`_Scale`). The gate has shape [1], or [3] (alpha_q, alpha_k, alpha_v) for a QKV
-    layer with separate gates; megatron-core's optimizer skips weight decay on 1-D parameters."""
+    """Mixin over a linear layer class: adds `wesar_gate` and applies it where `gate_side` says:
+    on the weight, alpha * W; or on the output, alpha * (W x) + b, with the bias taken apart from
+    the linear and added after the gate; or on the input, W (alpha * x) + b (for W_O, W_2 and the
+    head the scaled input is the tensor the linear saves for its weight gradient anyway; for the
+    head it is also far smaller than the logits). The activation sides add no activation memory
+    (`_Scale`). The gate has shape [1], or [3] (alpha_q, alpha_k, alpha_v) for a QKV layer with
+    separate gates; megatron-core's optimizer skips weight decay on 1-D parameters."""
 
     def __init__(self, *args, config, init_method, skip_bias_add=False, wesar_target_std,
                  wesar_parallel_mode, wesar_qkv=False, **kwargs):
         # W ~ N(0, common_std^2) for every gated matrix, whatever the init scheme ([WeSaR] §3).
-        output_side = wesar_parallel_mode == "column"
+        side = gate_side(type(self), config, wesar_parallel_mode)
         super().__init__(*args, config=config, init_method=init_method_normal(config.wesar_init_std),
-                         skip_bias_add=True if output_side else skip_bias_add, **kwargs)
-        self._setup_wesar_gate(config, wesar_target_std, wesar_parallel_mode, wesar_qkv,
-                               side="output" if output_side else "input",
-                               adds_bias=output_side and not skip_bias_add)
+                         skip_bias_add=True if side == "output" else skip_bias_add, **kwargs)
+        self._setup_wesar_gate(config, wesar_target_std, wesar_parallel_mode, wesar_qkv, side=side,
+                               adds_bias=side == "output" and not skip_bias_add)
 
     def _setup_wesar_gate(self, config, target_std, parallel_mode, qkv, side, adds_bias=False):
         if parallel_mode not in ("column", "row"):
@@ -136,21 +148,37 @@ class _WeSaRGate:
 
     def _wesar_scaled_is_partial(self, gathered: bool) -> bool:
         """Does this rank hold only part of the tensor the gate scales (so dL/dalpha is a
-        per-rank partial sum)? Output of a column-parallel layer: yes unless gathered. Input
-        of a row-parallel layer: yes (split along the hidden dim). Output of a row-parallel
-        layer and input of a column-parallel one: only under sequence parallelism."""
+        per-rank partial sum)? The weight: yes (its TP shard). Output of a column-parallel layer:
+        yes unless gathered. Input of a row-parallel layer: yes (split along the hidden dim).
+        Output of a row-parallel layer and input of a column-parallel one: only under sequence
+        parallelism."""
+        if self.wesar_side == "weight":
+            return True
         if (self.wesar_parallel_mode == "column") == (self.wesar_side == "output"):
             return not gathered
         return self.wesar_sequence_parallel
 
-    def _wesar_scale(self, tensor, gathered=False, bias=None):
+    def _wesar_tp_scale(self, gathered):
+        """The gate (per channel block), with its gradient summed over TP where it is partial."""
         scale = self.wesar_channel_scale()
         if self._wesar_scaled_is_partial(gathered):
             scale = copy_to_tensor_model_parallel_region(
                 scale, group=getattr(self, "tp_group", None) or getattr(self, "_tp_group", None))
+        return scale
+
+    def _wesar_scale(self, tensor, gathered=False, bias=None):
+        scale = self._wesar_tp_scale(gathered)
         return _Scale.apply(tensor, scale.to(tensor.dtype), bias, self.wesar_qkv_blocks)
 
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        """megatron-core's matmul (local linears only); the weight side passes alpha * W."""
+        if self.wesar_side == "weight":
+            weight = self._folded(weight, self._wesar_tp_scale(gathered=False))
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
     def forward(self, input_, *args, **kwargs):
+        if self.wesar_side == "weight":
+            return super().forward(input_, *args, **kwargs)
         if self.wesar_side == "input":
             return super().forward(self._wesar_scale(input_), *args, **kwargs)
         output, bias = super().forward(input_, *args, **kwargs)
@@ -170,8 +198,10 @@ class _WeSaRGate:
 
     def folded_weight(self) -> torch.Tensor:
         """alpha * W as the plain layer's weight (rows in megatron's layout)."""
-        w = self.weight
-        scale = self.wesar_channel_scale().to(w.dtype)
+        return self._folded(self.weight, self.wesar_channel_scale())
+
+    def _folded(self, w, scale):
+        scale = scale.to(w.dtype)
         if self.wesar_qkv_blocks is None:
             return w * scale
         blocks, head_dim = self.wesar_qkv_blocks
@@ -191,7 +221,9 @@ def gated_class(base: type) -> type:
 def gate_output_layer(model: torch.nn.Module, config, target_std: float) -> None:
     """Gate an untied prediction head after GPTModel built it with config.init_method:
     W <- W * common/sigma (W was drawn from N(0, sigma^2), so this is an N(0, common^2) draw from
-    the same random numbers, identical on every TP layout), alpha = target / common."""
+    the same random numbers, identical on every TP layout), alpha = target / common. The head is
+    gated on its input, whatever the layers use: the hidden state is far smaller than the logits
+    or the vocab x d weight."""
     layer = model.output_layer
     layer.weight.mul_(config.wesar_init_std / config.init_method_std)
     layer.__class__ = gated_class(type(layer))

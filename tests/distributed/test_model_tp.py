@@ -24,4 +24,4 @@ def test_tensor_parallel_equals_serial_for_every_option():
     result = torchrun(Path(__file__).with_name("tp_model_worker.py"))
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert result.stdout.count("OK  ") == 12  # 10 option sets and the z-loss with and without WeSaR
+    assert result.stdout.count("OK  ") == 15  # 12 option sets and the z-loss with and without WeSaR

@@ -32,8 +32,10 @@ CASES = {
     "wesar": dict(wesar=True, wesar_init_std=0.01),  # Q/K/V gates, gated head (gathered logits)
     "wesar_fused_qkv+gqa": dict(wesar=True, wesar_init_std=0.01, wesar_fused_qkv_gate=True, num_query_groups=2),
     "wesar+gqa+he": dict(wesar=True, num_query_groups=2, wesar_targets="he"),
+    "wesar_on_activations+gqa": dict(wesar=True, num_query_groups=2, wesar_gate_side="activation"),
     "embed_layernorm+sp": dict(embed_layernorm=True, sequence_parallel=True),
     "wesar+scaled_embed+sp": dict(wesar=True, scaled_embed=True, sequence_parallel=True),
+    "wesar_on_activations+sp": dict(wesar=True, wesar_gate_side="activation", sequence_parallel=True),
 }
 LOGIT_ATOL, GRAD_RTOL = 1e-5, 1e-4
 
@@ -81,7 +83,9 @@ def main():
     dist.init_process_group("gloo")
     cpu.enable()
     failures = 0
-    for name, options in (("z_loss", {}), ("z_loss+wesar+sp", dict(wesar=True, sequence_parallel=True))):
+    for name, options in (("z_loss", {}), ("z_loss+wesar+sp", dict(wesar=True, sequence_parallel=True)),
+                          ("z_loss+wesar_on_activations+sp", dict(wesar=True, sequence_parallel=True,
+                                                                  wesar_gate_side="activation"))):
         (loss1, z1, grad1) = run_z_loss(1, **{k: v for k, v in options.items() if k != "sequence_parallel"})
         (loss2, z2, grad2) = run_z_loss(2, **options)
         if "sequence_parallel" in options:

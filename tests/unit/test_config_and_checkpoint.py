@@ -46,7 +46,7 @@ def test_cli_flags_map_to_fields():
                              embed_layernorm=False, embed_detach_alpha=None, wesar=False,
                              wesar_init_std=None, z_loss_coeff=0.0, wesar_targets="init",
                              wesar_fused_qkv_gate=False, wesar_gate_output_layer=True,
-                             wesar_embedding_common_std=False)
+                             wesar_embedding_common_std=False, wesar_gate_side="auto")
     kw = parse(["--wesar", "--wesar-targets", "he", "--wesar-fused-qkv-gate", "--wesar-no-output-gate",
                 "--wesar-embedding-common-std"])
     assert kw["wesar_targets"] == "he" and kw["wesar_fused_qkv_gate"] and kw["wesar_embedding_common_std"]
