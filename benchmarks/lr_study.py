@@ -15,9 +15,11 @@ with its slope against log2(d).
 Every run is a real `pretrain_gpt.py` training from `benchmarks/spike_sweep.py` (same recipe:
 8 layers, seq 128, batch 8, AdamW, cosine schedule, monitor in log mode), with head dim 32 at
 every width. Runs go to OUT/runs/<name>/; finished ones are not re-run, so an interrupted study
-resumes. Runs of earlier sweeps are not imported even when their flags match: the same flags on
-another machine agreed to the last digit for 18 steps, then drifted apart by float rounding to
-0.08 nats of final loss at lr 1e-2, as large as a change of seed, so one study is one machine.
+resumes (each run's result.json, curve included, is committed, so a later session on another
+machine continues the grid). Runs of earlier sweeps are not imported even when their flags
+match: the same flags on another machine agreed to the last digit for 18 steps, then drifted
+apart by float rounding to 0.08 nats of final loss at lr 1e-2 — as large as a change of seed.
+A run is one sample of that noise; the seed spread reported covers it.
 
     PYTHONPATH=. python benchmarks/lr_study.py --out results/lr_study --jobs 2
     PYTHONPATH=. python benchmarks/lr_study.py --smoke --out /tmp/lr_study      # seconds (CI)
