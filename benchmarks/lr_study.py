@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2,3e-2,1e-1")
     p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--high-from", type=float, default=1e-2,
+                   help="lrs from this one up make the high-lr sensitivity (the instability side)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true", help="train nothing; tabulate what is done")
     p.add_argument("--no-plots", action="store_true")
@@ -136,24 +138,32 @@ def final_loss(run):
 
 
 def sensitivity(args, results):
-    """{(width, method): {"per_seed": [...], "mean", "sd", "best_lr", "losses": {lr: [per seed]}}}
+    """{(width, method): {"per_seed": [...], "mean", "sd", "high_side": [...], "best_lr",
+    "losses": {lr: [per seed]}}}
     over the (width, method) cells whose every lr is done for at least one seed."""
     out = {}
     for width in args.widths:
         for method in methods_at(args, width):
-            losses, per_seed = {lr: [] for lr in args.lrs}, []
+            losses, per_seed, high_side = {lr: [] for lr in args.lrs}, [], []
+            lrs = sorted(args.lrs)
             for seed in args.seeds:
-                runs = [results.get(run_name(width, method, lr, seed)) for lr in args.lrs]
+                runs = [results.get(run_name(width, method, lr, seed)) for lr in lrs]
                 if any(r is None for r in runs):
                     continue
                 capped = [final_loss(r)[0] for r in runs]
-                for lr, v in zip(args.lrs, capped):
+                for lr, v in zip(lrs, capped):
                     losses[lr].append(v)
-                per_seed.append(statistics.fmean(capped) - min(capped))
+                best = min(capped)
+                per_seed.append(statistics.fmean(capped) - best)
+                # The instability side alone: the same excess over the grid's top lrs only (at the
+                # bottom, the excess measures too few steps, not instability).
+                top = [v for lr, v in zip(lrs, capped) if lr >= args.high_from]
+                high_side.append(statistics.fmean(top) - best if top else float("nan"))
             if per_seed:
                 means = {lr: statistics.fmean(v) for lr, v in losses.items()}
                 out[width, method] = dict(per_seed=per_seed, mean=statistics.fmean(per_seed),
                                           sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+                                          high_side=high_side,
                                           best_lr=min(means, key=means.get), best_loss=min(means.values()),
                                           losses=losses)
     return out

@@ -29,6 +29,12 @@ def write_table(args, results, sens, path, wall_s):
             s = sens.get((d, m))
             cells.append("" if s is None else _pm(s["per_seed"]) + f" (n={len(s['per_seed'])})")
         lines.append(f"| d {d} | " + " | ".join(cells) + " |")
+    lines += ["", f"High-lr sensitivity (the instability side): the same excess, averaged over the lrs "
+              f">= {args.high_from:g} only; mean ± sd over seeds.", "",
+              "| width | " + " | ".join(args.methods) + " |", "|---" * (len(args.methods) + 1) + "|"]
+    for d in args.widths:
+        lines.append(f"| d {d} | " + " | ".join("" if (d, m) not in sens else _pm(sens[d, m]["high_side"])
+                                              for m in args.methods) + " |")
     lines += ["", "Slope of lr sensitivity against log2(width) (nats per doubling): of the seed means; "
               "[min, max] over seeds.", "", "| method | slope | per seed |", "|---|---|---|"]
     for m in args.methods:
