@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import spike_sweep as sweep  # noqa: E402
@@ -98,13 +97,8 @@ def plan(args):
             for method in args.methods:
                 name = run_name(regime, method, seed)
                 run_dir = os.path.join(args.out, "runs", name)
-                done = os.path.join(run_dir, "result.json")
-                if os.path.exists(done):
-                    with open(done, encoding="utf-8") as f:
-                        results[name] = json.load(f)
-                elif not args.report_only:
-                    jobs.append((name, run_argv(args, regime, method, seed, run_dir), run_dir,
-                                 args.recipe.diverge_margin))
+                sweep.add_run(results, jobs, name, run_dir, lambda: run_argv(args, regime, method, seed, run_dir),
+                              args.recipe.diverge_margin, train=not args.report_only)
     return results, jobs
 
 
@@ -163,11 +157,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results, jobs = plan(args)
-    print(f"{len(results)} runs done, {len(jobs)} to train ({args.jobs} at a time)", flush=True)
-    t0 = time.time()
-    if jobs:
-        sweep.train_pending(jobs, args.jobs, results)
-    text = table(args, results, time.time() - t0)
+    text = table(args, results, sweep.train_all(results, jobs, args.jobs))
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:

@@ -31,7 +31,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import spike_sweep as sweep  # noqa: E402
@@ -118,13 +117,8 @@ def plan(args):
     for _, seed, width, method, lr in order:
         name = run_name(width, method, lr, seed)
         run_dir = os.path.join(args.out, "runs", name)
-        argv = run_argv(args, width, method, lr, seed, run_dir)
-        done = os.path.join(run_dir, "result.json")
-        if os.path.exists(done):
-            with open(done, encoding="utf-8") as f:
-                results[name] = json.load(f)
-        elif not args.report_only:
-            jobs.append((name, argv, run_dir, args.recipe.diverge_margin))
+        sweep.add_run(results, jobs, name, run_dir, lambda: run_argv(args, width, method, lr, seed, run_dir),
+                      args.recipe.diverge_margin, train=not args.report_only)
     return results, jobs
 
 
@@ -189,16 +183,13 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results, jobs = plan(args)
-    print(f"{len(results)} runs done, {len(jobs)} to train ({args.jobs} at a time)", flush=True)
-    t0 = time.time()
-    if jobs:
-        sweep.train_pending(jobs, args.jobs, results)
+    wall = sweep.train_all(results, jobs, args.jobs)
     from benchmarks import lr_study_report as report
     sens = sensitivity(args, results)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": {k: v for k, v in vars(args).items() if k != "recipe"},
                    "recipe": vars(args.recipe), "runs": results}, f)
-    print(report.write_table(args, results, sens, os.path.join(args.out, "table.md"), time.time() - t0))
+    print(report.write_table(args, results, sens, os.path.join(args.out, "table.md"), wall))
     if not args.no_plots:
         report.plot(args, sens, args.out)
     return 0

@@ -221,16 +221,30 @@ def run_sweep(args):
             for method in args.methods:
                 name = run_name(method, lr, seed)
                 run_dir = os.path.join(args.out, "runs", name)
-                done = os.path.join(run_dir, "result.json")
-                if os.path.exists(done):
-                    with open(done, encoding="utf-8") as f:
-                        results[name] = json.load(f)
-                    continue
-                jobs.append((name, training_argv(args, method, lr, seed, run_dir), run_dir,
-                             args.diverge_margin))
+                add_run(results, jobs, name, run_dir, lambda: training_argv(args, method, lr, seed, run_dir),
+                        args.diverge_margin)
     print(f"{len(results)} runs already done, {len(jobs)} to train ({args.jobs} at a time)", flush=True)
     train_pending(jobs, args.jobs, results)
     return results
+
+
+def add_run(results, jobs, name, run_dir, make_argv, margin, train=True):
+    """A finished run's result into `results`; else, if `train`, a job for `train_pending`."""
+    done = os.path.join(run_dir, "result.json")
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            results[name] = json.load(f)
+    elif train:
+        jobs.append((name, make_argv(), run_dir, margin))
+
+
+def train_all(results, jobs, n_jobs) -> float:
+    """Say what is done and what is left, train what is left; returns the wall seconds taken."""
+    print(f"{len(results)} runs done, {len(jobs)} to train ({n_jobs} at a time)", flush=True)
+    t0 = time.time()
+    if jobs:
+        train_pending(jobs, n_jobs, results)
+    return time.time() - t0
 
 
 def train_pending(jobs, n_jobs, results):
