@@ -16,6 +16,13 @@ written. Import (GPT-2 or Llama) writes an iteration-0, model-only checkpoint th
 import argparse
 import os
 import sys
+import warnings
+
+# Upstream import-time and loading noise (as in tools/evaluate.py): keeps the result to one line.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

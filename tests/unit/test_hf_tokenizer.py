@@ -101,3 +101,29 @@ def test_quickstart_tokenizer_on_its_corpus(tmp_path):
         sample = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
     assert hf.eos_token_id == trainer.eod
     assert_same(trainer, hf, sample, lossless=True)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_export_tokenizer_checks_the_files_it_writes(models, kind, tmp_path):
+    """tokenizer_files.export_tokenizer writes the tokenizer and loads it back through
+    AutoTokenizer before the export is kept; GPT-2 BPE (a tiny vocabulary) and SentencePiece."""
+    from types import SimpleNamespace
+
+    from megatron_patch.export.tokenizer_files import check_ids, export_tokenizer
+    from megatron_patch.training.data import build_tokenizer
+    from tests.unit.test_data_tokenizer import write_tiny_gpt2
+
+    if kind == "gpt2":
+        _, vocab_file, merge_file = write_tiny_gpt2(tmp_path)
+        args = SimpleNamespace(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab_file, merge_file=merge_file,
+                               tokenizer_model=None, vocab_size=None)
+    else:
+        args = SimpleNamespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(models["bpe"]),
+                               vocab_file=None, merge_file=None, vocab_size=None)
+    trainer = build_tokenizer(args)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "ids as the trainer's" in export_tokenizer(args, str(out), trainer.eod, 64)
+    check_ids(trainer, str(out), trainer.eod, texts())  # every test text, not only the probes
+    with pytest.raises(Exception, match="eos id"):
+        check_ids(trainer, str(out), trainer.eod + 1)
