@@ -34,6 +34,20 @@ def _gpt2(args, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
+def _portable_class_name(out_dir: str) -> None:
+    """transformers 5 records the class as TokenizersBackend, which 4.x lacks; both versions load
+    the same tokenizer.json as PreTrainedTokenizerFast."""
+    import json
+
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
 def check_ids(trainer_tokenizer, out_dir: str, eod: int, texts=PROBES) -> None:
     """The saved tokenizer, as AutoTokenizer loads it, must give the trainer's ids (and EOD as its
     eos id); raises ExportError on the first difference."""
@@ -67,6 +81,7 @@ def export_tokenizer(args, out_dir: str, eod: int, model_max_length: int = None)
         from .sentencepiece_hf import hf_tokenizer
 
         hf_tokenizer(args.tokenizer_model, model_max_length).save_pretrained(out_dir)
+        _portable_class_name(out_dir)
         shutil.copyfile(args.tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
         note = "sentencepiece"
     check_ids(trainer, out_dir, eod)

@@ -124,6 +124,8 @@ def test_export_tokenizer_checks_the_files_it_writes(models, kind, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     assert "ids as the trainer's" in export_tokenizer(args, str(out), trainer.eod, 64)
+    if kind == "bpe":  # a class name transformers 4.x knows too
+        assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     check_ids(trainer, str(out), trainer.eod, texts())  # every test text, not only the probes
     with pytest.raises(Exception, match="eos id"):
         check_ids(trainer, str(out), trainer.eod + 1)
