@@ -25,6 +25,10 @@ setup(
         "plot": ["matplotlib"],
         # Hugging Face export/import (tools/convert_checkpoint.py); tested with 5.23.
         "hf": ["transformers>=4.40"],
-        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib", "transformers>=4.40"],
+        # lm-eval runs exported models in tests/unit/test_lm_eval.py; its hf model needs accelerate.
+        # Tested together with transformers 5.24 and torch 2.13.0 (CPU). protobuf reads
+        # sentencepiece .model files for the transformers tokenizer export.
+        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib", "transformers>=4.40",
+                "lm-eval==0.4.13", "accelerate==1.15.0", "protobuf"],
     },
 )

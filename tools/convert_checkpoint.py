@@ -1,19 +1,28 @@
 #!/usr/bin/env python
-"""Convert checkpoints between megatron_patch's trainer and Hugging Face transformers (GPT-2).
+"""Convert checkpoints between megatron_patch's trainer and Hugging Face transformers (GPT-2, Llama).
 
   python tools/convert_checkpoint.py --load CKPT_DIR --to hf --output HF_DIR [--ckpt-step N]
   python tools/convert_checkpoint.py --from hf --load HF_DIR --output CKPT_DIR
 
 Export reads a checkpoint of any TP/PP layout into one process (megatron-core resharding), folds
-WeSaR gates and Scaled Embed into the weights, and writes a GPT2LMHeadModel + tokenizer directory
-loadable offline with from_pretrained. Options GPT-2 cannot represent (Embed LN, RMSNorm, SwiGLU,
-RoPE, GQA, QK-LN, ...) stop with one line naming them. Import writes an iteration-0, model-only
-checkpoint that pretrain_gpt.py --load continues from at any layout. See docs/export.md.
+WeSaR gates and Scaled Embed into the weights, and writes a model + tokenizer directory loadable
+offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained: GPT2LMHeadModel for GPT-2-shaped
+models, LlamaForCausalLM for RMSNorm + SwiGLU + RoPE (+ GQA) ones. Options neither represents
+(Embed LN, QK-LN, post-LN, partial RoPE, ...) stop with one line naming them, and nothing is
+written. Import (GPT-2 or Llama) writes an iteration-0, model-only checkpoint that pretrain_gpt.py
+--load continues from at any layout. See docs/export.md.
 """
 
 import argparse
 import os
 import sys
+import warnings
+
+# Upstream import-time and loading noise (as in tools/evaluate.py): keeps the result to one line.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,7 +46,7 @@ def main(argv=None) -> int:
     try:
         if args.to:
             info = export_to_hf(args.load, args.output, args.ckpt_step)
-            print(f"exported iteration {info['iteration']} to {info['output']} (GPT2LMHeadModel, "
+            print(f"exported iteration {info['iteration']} to {info['output']} ({info['architecture']}, "
                   f"{'tied' if info['tied'] else 'untied'} output layer; folded: "
                   f"{', '.join(info['folded']) or 'nothing'}; tokenizer: {info['tokenizer']})")
         else:

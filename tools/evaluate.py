@@ -17,9 +17,11 @@ by K instead, so each prediction has at least seq length - K tokens of context. 
 predicted, mean NLL (nats), perplexity = exp(mean NLL).
 
 lambada: per {"text": ...} line, context = the text without its last whitespace-separated word,
-target = " " + that word. Correct iff the greedy prediction equals every target token. Reported:
-accuracy, word perplexity (exp of the mean per-example NLL of the target), token perplexity.
-Texts of fewer than 2 words are skipped and counted. See docs/evaluate.md.
+target = " " + that word, tokenized as lm-evaluation-harness does: the target's ids are those that
+tokenizing context + target adds to the context's ids. Correct iff the greedy prediction equals
+every target token. Reported: accuracy, word perplexity (exp of the mean per-example NLL of the
+target), token perplexity. Texts of fewer than 2 words are skipped and counted. See
+docs/evaluate.md and docs/lm_eval.md.
 """
 
 import argparse

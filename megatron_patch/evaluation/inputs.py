@@ -50,11 +50,18 @@ def split_last_word(text: str):
 def lambada_examples(texts, tokenizer, seq_length: int):
     """([(context ids, target ids)], skipped, truncated). Skipped: a text of fewer than 2 words, or
     whose context or target tokenizes to nothing, or whose target is longer than the window. A
-    context too long for the window (context + target - 1 > seq_length) keeps its last tokens."""
+    context too long for the window (context + target - 1 > seq_length) keeps its last tokens.
+
+    Target ids = tokenize(context + target)[len(tokenize(context)):], as lm-evaluation-harness
+    splits a context/continuation pair: tokenized alone, " word" would get a SentencePiece model's
+    dummy-prefix piece ("▁" + "▁word"), a token that never follows the context in running text."""
     examples, skipped, truncated = [], 0, 0
     for text in texts:
         parts = split_last_word(text)
-        context, target = (tokenizer.tokenize(p) for p in parts) if parts else ([], [])
+        context, target = [], []
+        if parts:
+            context = tokenizer.tokenize(parts[0])
+            target = tokenizer.tokenize(parts[0] + parts[1])[len(context):]
         if not context or not target or len(target) > seq_length:
             skipped += 1
             continue

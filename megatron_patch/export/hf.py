@@ -1,4 +1,5 @@
-"""Megatron GPTModel <-> Hugging Face GPT2LMHeadModel: tensor names, layouts and exact folds.
+"""Megatron GPTModel <-> Hugging Face GPT2LMHeadModel: tensor names, layouts and exact folds; and
+which of the two export targets (GPT-2 here, Llama in llama.py) a checkpoint goes to.
 
 Layouts:
   - Megatron's fused QKV rows are grouped per head: [q_0, k_0, v_0, q_1, k_1, v_1, ...] (each hn
@@ -10,7 +11,7 @@ Folds (exact functions, not approximations):
     the output layer then keeps the unscaled table and is untied.
   - Embed Detach changes gradients only: the forward, and so the export, is the plain model.
   - No bias (--disable-bias-linear): GPT-2 always has biases; they are exported as zeros.
-Options GPT-2 cannot compute raise ExportError naming the flag.
+Options neither GPT-2 nor Llama can compute raise ExportError naming the flag.
 """
 
 import math
@@ -43,12 +44,32 @@ def unsupported_options(config, args) -> list:
     return [name for name, bad in checks if bad]
 
 
-def check_exportable(config, args, allow_embed_ln=False) -> None:
-    bad = unsupported_options(config, args)
-    if config.embed_layernorm and not allow_embed_ln:
-        bad.append("--embed-layernorm (Embed LN: GPT-2 has no LayerNorm on the embedding output)")
-    if bad:
-        raise ExportError("cannot export to GPT-2: the checkpoint uses " + "; ".join(bad))
+def check_exportable(config, args) -> str:
+    """The export target, "gpt2" or "llama": the one that represents every option of the model.
+    Raises ExportError naming the flags each target lacks (GPT-2's alone for a model that uses none
+    of RMSNorm, SwiGLU, RoPE)."""
+    from . import llama
+
+    embed_ln = ["--embed-layernorm (Embed LN: neither GPT-2 nor Llama has a norm on the embedding output)"] \
+        if config.embed_layernorm else []
+    gpt2, llama_bad = unsupported_options(config, args) + embed_ln, llama.unsupported_options(config, args) + embed_ln
+    if not gpt2:
+        return "gpt2"
+    if not llama_bad:
+        return "llama"
+    llama_shaped = (config.normalization == "RMSNorm" or config.gated_linear_unit
+                    or args.position_embedding_type == "rope")
+    message = "cannot export to GPT-2: the checkpoint uses " + "; ".join(gpt2)
+    if llama_shaped:
+        message += "; nor to Llama: the checkpoint uses " + "; ".join(llama_bad)
+    raise ExportError(message)
+
+
+def source_state(model) -> dict:
+    """The model's tensors in plain form (WeSaR gates folded, megatron_patch.wesar.plain_state_dict),
+    fp32 copies, without the `_extra_state` entries (fp8 metadata and the like)."""
+    return {k: v.detach().float().clone() for k, v in plain_state_dict(model).items()
+            if not k.endswith("_extra_state")}
 
 
 def gpt2_config(config, args, common, tied: bool, extra=None):
@@ -111,8 +132,7 @@ def _layer_map(i):
 
 def megatron_to_hf_state(model, config):
     """(GPT-2 state dict, tied) from a whole (TP=1, PP=1) GPTModel; folds WeSaR and Scaled Embed."""
-    src = {k: v.detach().float().clone() for k, v in plain_state_dict(model).items()
-           if not k.endswith("_extra_state")}
+    src = source_state(model)
     heads, h = config.num_attention_heads, config.hidden_size
     out = {}
     for i in range(config.num_layers):

@@ -1,12 +1,15 @@
-"""tools/convert_checkpoint.py: trainer checkpoint -> transformers GPT2LMHeadModel -> checkpoint.
+"""tools/convert_checkpoint.py: trainer checkpoint -> transformers GPT2LMHeadModel or
+LlamaForCausalLM -> checkpoint.
 
 Each option that exports is trained for 3 steps (so biases, gates and tables are no longer at
 init), exported, and loaded offline with from_pretrained; its logits must equal the megatron
 model's (fp32, CPU). Import writes a trainer checkpoint; exporting that again gives the same
 tensors bit for bit, and without folded options the imported checkpoint equals the original.
+RoPE and GQA layouts are checked on a model whose attention is made sharp (tests/unit/test_llama_export.py).
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,12 +22,19 @@ from megatron_patch.export import ExportError, megatron_io  # noqa: E402
 from megatron_patch.export.convert import export_to_hf, import_from_hf  # noqa: E402
 from tests.train_helpers import ROOT, VOCAB, run_inprocess, subprocess_env, tiny_args  # noqa: E402
 
+LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope"]
+GQA = ["--group-query-attention", "--num-query-groups", "2"]
 OPTIONS = {
     "vanilla": [],
     "untied_nobias": ["--untie-embeddings-and-output-weights", "--disable-bias-linear"],
     "scaled_embed": ["--scaled-embed"],
     "wesar_scaled_embed": ["--wesar", "--scaled-embed", "--transformer-impl", "local"],
     "embed_detach": ["--embed-detach-alpha", "0.1"],
+    "llama_gqa_untied_nobias": [*LLAMA, *GQA, "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+                                "--rotary-base", "5000"],
+    "llama_tied_bias_kv8": [*LLAMA, "--kv-channels", "8"],
+    "llama_scaled_embed": [*LLAMA, *GQA, "--disable-bias-linear", "--scaled-embed"],
+    "llama_wesar": [*LLAMA, *GQA, "--disable-bias-linear", "--wesar", "--transformer-impl", "local"],
 }
 
 
@@ -45,9 +55,9 @@ def megatron_state_and_logits(ckpt):
 
 
 def hf_model(path):
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    return GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
 
 
 def hf_logits(path):
@@ -72,7 +82,7 @@ def test_exported_logits_equal_megatron(exported, name):
     run = exported[name]
     torch.testing.assert_close(hf_logits(run["hf"]), run["logits"], rtol=1e-5, atol=1e-5)
     config = json.loads((run["hf"] / "config.json").read_text())
-    assert config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["architectures"] == ["LlamaForCausalLM" if name.startswith("llama") else "GPT2LMHeadModel"]
     assert config["vocab_size"] == 256  # padded: every row survives
     assert config["tie_word_embeddings"] == run["info"]["tied"]
     if "scaled_embed" in name:
@@ -105,8 +115,31 @@ def test_embed_layernorm_is_refused_by_name(tmp_path, capsys):
 
     assert main(["--load", str(ckpt), "--to", "hf", "--output", str(tmp_path / "hf")]) == 1
     err = capsys.readouterr().err
-    assert "error: cannot export to GPT-2" in err and "--embed-layernorm" in err
-    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert "error: cannot export to GPT-2" in err and "--embed-layernorm" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written, not even a temporary
+
+
+def test_failed_export_leaves_nothing_and_keeps_an_earlier_export(exported, tmp_path, monkeypatch):
+    """The export is built in a temporary sibling and renamed into place when complete."""
+    from megatron_patch.export import convert
+
+    run = exported["vanilla"]
+    out = tmp_path / "hf"
+    export_to_hf(str(run["ckpt"]), str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise ExportError("tokenizer failed")
+
+    monkeypatch.setattr(convert, "export_tokenizer", broken)
+    with pytest.raises(ExportError, match="tokenizer failed"):
+        export_to_hf(str(run["ckpt"]), str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not a model directory"):
+        export_to_hf(str(run["ckpt"]), str(tmp_path / "notes"))
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -115,6 +148,13 @@ def test_embed_layernorm_is_refused_by_name(tmp_path, capsys):
     (["--position-embedding-type", "rope"], "rope"),
     (["--group-query-attention", "--num-query-groups", "2"], "--group-query-attention"),
     (["--qk-layernorm"], "--qk-layernorm"),
+    # Llama-shaped, with what LlamaForCausalLM lacks
+    ([*LLAMA, "--qk-layernorm"], "nor to Llama: the checkpoint uses --qk-layernorm"),
+    ([*LLAMA, "--rotary-percent", "0.5"], "--rotary-percent 0.5 (Llama rotates the whole head)"),
+    ([*LLAMA, "--embed-layernorm"], "--embed-layernorm"),
+    ([*LLAMA, "--apply-residual-connection-post-layernorm"], "nor to Llama: the checkpoint uses --apply-residual"),
+    (["--swiglu", "--position-embedding-type", "rope"], "--normalization LayerNorm (Llama uses RMSNorm)"),
+    (["--normalization", "RMSNorm", "--swiglu"], "--position-embedding-type learned_absolute (Llama uses rope)"),
 ])
 def test_unsupported_architectures_are_named(flags, named):
     from megatron_patch.export.hf import check_exportable
@@ -125,7 +165,7 @@ def test_unsupported_architectures_are_named(flags, named):
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
     args.virtual_pipeline_model_parallel_size = None
     validate_model_args(args)
-    with pytest.raises(ExportError, match=named.replace("-", r"\-")):
+    with pytest.raises(ExportError, match=re.escape(named)):
         check_exportable(transformer_config_from_args(args), args)
 
 

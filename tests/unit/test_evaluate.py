@@ -291,3 +291,21 @@ def test_bad_data_is_one_line(run, capsys):
         assert evaluate.main(["--load", str(run.tmp / "nockpt"), "--data-path", str(run.held)]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and named in err, err
+
+
+def test_lambada_target_is_the_continuation_of_the_context(tmp_path):
+    """SentencePiece's dummy prefix: " sat" tokenized alone is ["▁", "▁sat"], a "▁" that never
+    follows the context in running text. The target is what tokenizing context + target adds to
+    the context's tokens (lm-evaluation-harness's split), i.e. ["▁sat"]."""
+    from megatron_patch.tokenizer import SentencePieceTokenizer
+    from tests.unit.test_data_pipeline import make_documents, train_tokenizer, write_jsonl
+
+    train_tokenizer.main(["--input", str(write_jsonl(tmp_path / "docs.jsonl", make_documents(300))),
+                          "--vocab-size", "400", "--output-prefix", str(tmp_path / "tok"), "--threads", "1"])
+    tokenizer = SentencePieceTokenizer(str(tmp_path / "tok.model"))
+    text = "the school house of the king"
+    [(context, target)], _, _ = inputs.lambada_examples([text], tokenizer, SEQ)
+    assert context + target == tokenizer.tokenize(text)
+    assert context == tokenizer.tokenize("the school house of the")
+    alone = tokenizer.tokenize(" king")
+    assert len(alone) == len(target) + 1 and alone[1:] == target  # the extra "▁" piece
