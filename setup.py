@@ -23,8 +23,9 @@ setup(
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed==0.19.8"],
         "plot": ["matplotlib"],
-        # Hugging Face export/import (tools/convert_checkpoint.py); tested with 5.23.
-        "hf": ["transformers>=4.40"],
+        # Hugging Face export/import (tools/convert_checkpoint.py); tested with 5.24. protobuf
+        # reads sentencepiece .model files for the transformers tokenizer export.
+        "hf": ["transformers>=4.40", "protobuf"],
         # lm-eval runs exported models in tests/unit/test_lm_eval.py; its hf model needs accelerate.
         # Tested together with transformers 5.24 and torch 2.13.0 (CPU). protobuf reads
         # sentencepiece .model files for the transformers tokenizer export.
