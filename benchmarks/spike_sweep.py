@@ -88,7 +88,7 @@ def parse_args(argv=None):
     args.lrs = [float(x) for x in args.lrs.split(",") if x]
     args.seeds = [int(x) for x in args.seeds.split(",") if x]
     if args.smoke:
-        args.lrs, args.seeds, args.iters, args.warmup = args.lrs[-1:], args.seeds[:1], 6, 2
+        args.lrs, args.seeds, args.iters, args.warmup = args.lrs[:1], args.seeds[:1], 6, 2
         args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length = 2, 64, 4, 32
         args.micro_batch_size, args.eval_iters, args.spike_window = 2, 2, 8
     elif not os.path.exists(args.data_path + ".idx"):

@@ -12,8 +12,9 @@ def _flag(argv, name):
     return argv[len(argv) - 1 - argv[::-1].index(name) + 1]  # the last occurrence wins in argparse
 
 
-def test_regime_settings_reach_the_trainer_flags():
-    args = regime.parse_args(["--seeds", "1,2,3"])
+def test_regime_settings_reach_the_trainer_flags(tmp_path):
+    (tmp_path / "corpus.idx").write_bytes(b"")  # the plan checks the corpus exists; nothing trains
+    args = regime.parse_args(["--seeds", "1,2,3", "--data-path", str(tmp_path / "corpus"), "--out", str(tmp_path)])
     argv = regime.run_argv(args, "big_sigma_no_clip", "sigma1_embedding", 2, "/tmp/r")
     assert _flag(argv, "--init-method-std") == "0.0088" and "--small-init" not in argv
     assert _flag(argv, "--clip-grad") == "0.0" and _flag(argv, "--lr") == "0.01"

@@ -16,9 +16,20 @@ def _run(val, init=9.0):
     return {"val_loss": val, "curve": [[1, init, 1.0]], "diverged": val is None, "seconds": 1.0}
 
 
+@pytest.fixture(autouse=True)
+def corpus_prefix(tmp_path, monkeypatch):
+    """The study refuses to plan without its corpus; these tests train nothing, so an empty
+    .idx stands in for it."""
+    (tmp_path / "corpus.idx").write_bytes(b"")
+    monkeypatch.setenv("LR_STUDY_TEST_DATA", str(tmp_path / "corpus"))
+
+
 def _args(*extra):
+    import os
+
     return lr_study.parse_args(["--widths", "32,64", "--methods", "vanilla,scaled_embed", "--lrs",
-                                "1e-3,1e-2,1e-1", "--seeds", "1,2", "--high-from", "1e-2", *extra])
+                                "1e-3,1e-2,1e-1", "--seeds", "1,2", "--high-from", "1e-2",
+                                "--data-path", os.environ["LR_STUDY_TEST_DATA"], *extra])
 
 
 def test_sensitivity_is_the_mean_excess_over_the_best_capped_at_init():
