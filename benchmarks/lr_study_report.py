@@ -93,18 +93,22 @@ def plot(args, sens, out):
     fig.savefig(os.path.join(out, "final_loss_vs_lr.png"), dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m in args.methods:
-        pts = [(d, sens[d, m]) for d in args.widths if (d, m) in sens]
-        if not pts:
-            continue
-        ax.errorbar([d for d, _ in pts], [s["mean"] for _, s in pts], yerr=[s["sd"] or 0 for _, s in pts],
-                    marker="o", capsize=3, lw=1, label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("width d")
-    ax.set_ylabel("lr sensitivity (nats; mean ± sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, key, title in ((axes[0, 0], "per_seed", "whole lr grid (Wortsman et al.)"),
+                           (axes[0, 1], "high_side", f"lrs >= {args.high_from:g} only")):
+        for m in args.methods:
+            pts = [(d, sens[d, m][key]) for d in args.widths if (d, m) in sens]
+            if not pts:
+                continue
+            ax.errorbar([d for d, _ in pts], [statistics.fmean(v) for _, v in pts],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts],
+                        marker="o", capsize=3, lw=1, label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width d")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel("lr sensitivity (nats; mean ± sd over seeds)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lr_sensitivity_vs_width.png"), dpi=110)
     plt.close(fig)
