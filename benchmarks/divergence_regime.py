@@ -106,7 +106,7 @@ def table(args, results, wall_s):
     lines = ["Divergence regime: share of seeds that diverged / spiked, per regime and method; final "
              "training loss (20-step mean) over the seeds that did not diverge.", "",
              "| regime | setting | method | seeds | diverged | spiked (loss) | loss spikes | "
-             "max grad norm | final train loss |", "|---|---|---|---|---|---|---|---|---|"]
+             "grad-norm spikes | max grad norm | final train loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     for regime in args.regimes:
         for method in args.methods:
             runs = [results[n] for n in (run_name(regime, method, s) for s in args.seeds) if n in results]
@@ -118,7 +118,7 @@ def table(args, results, wall_s):
             lines.append(f"| {regime} | {describe(args, regime)} | {method} | {len(runs)} | "
                          f"{sum(r['diverged'] for r in runs)}/{len(runs)} | "
                          f"{sum(r['loss_spikes'] > 0 for r in runs)}/{len(runs)} | "
-                         f"{sum(r['loss_spikes'] for r in runs)} | "
+                         f"{sum(r['loss_spikes'] for r in runs)} | {sum(r['grad_spikes'] for r in runs)} | "
                          f"{max((r['max_grad_norm'] or 0) for r in runs):.1f} | {final} |")
     run_s = sum(r["seconds"] for r in results.values())
     lines += ["", f"Runs: {len(results)}, {run_s / 60:.0f} run-minutes (single-threaded, {args.jobs} at a "
