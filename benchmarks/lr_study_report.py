@@ -57,12 +57,60 @@ def write_table(args, results, sens, path, wall_s):
             s = sens.get((d, m))
             lines.append(f"| d {d} | {m} | " + " | ".join(row) + f" | {s['best_lr']:g} |" if s else
                          f"| d {d} | {m} | " + " | ".join(row) + " | - |")
+    lines += [""] + baselines_table(args, results, sens)
     run_s = sum(x["seconds"] for x in results.values())
     lines += ["", f"Runs: {len(results)}, {run_s / 60:.0f} run-minutes of training (single-threaded, "
                   f"{args.jobs} at a time); this invocation: {wall_s / 60:.1f} min wall."]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def _smoothed(curve, window=20):
+    """(step, trailing mean of the last `window` finite losses) along a run's curve."""
+    out, recent = [], []
+    for step, loss, *_ in curve:
+        if loss is not None:
+            recent = (recent + [loss])[-window:]
+            out.append((step, statistics.fmean(recent)))
+    return out
+
+
+def steps_to(curve, target):
+    """First step whose 20-step mean training loss is <= target (None if never)."""
+    return next((step for step, v in _smoothed(curve) if v <= target), None)
+
+
+def baselines_table(args, results, sens):
+    """Every method at the wide width, each at its own best lr (the [WeSaR] comparison: its
+    baselines are small init with residual scaling = vanilla, and without it = xavier): final
+    val loss, spikes flagged, largest gradient norm, and speed as the steps each takes to reach a
+    training loss every best-lr run reaches (the worst run's final one)."""
+    d = args.extra_methods_width
+    cells = {m: sens[d, m] for m in methods_at(args, d) if (d, m) in sens}
+    if not cells:
+        return []
+
+    def best_runs(m):
+        return [results[n] for n in (run_name(d, m, cells[m]["best_lr"], s) for s in args.seeds) if n in results]
+
+    # The target from the same smoothing as steps_to, so the worst method reaches it at its end.
+    target = max(max((_smoothed(r["curve"]) or [(0, float("inf"))])[-1][1] for r in best_runs(m)) for m in cells)
+    lines = [f"At d {d}, each method at its own best lr: final val loss, spikes flagged by the monitor "
+             f"(loss / gradient norm, summed over seeds), the largest gradient norm, and the steps to a "
+             f"20-step mean training loss of {target:.3f} (the worst best-lr run's final one); "
+             "mean ± sd over seeds (n).", "",
+             "| method | best lr | final val loss | loss / grad-norm spikes | max grad norm | steps to target |",
+             "|---|---|---|---|---|---|"]
+    for m, c in cells.items():
+        runs = best_runs(m)
+        steps = [steps_to(r["curve"], target) for r in runs]
+        reached = [s for s in steps if s is not None]
+        lines.append(f"| {m} | {c['best_lr']:g} | {_pm([final_loss(r)[0] for r in runs])} (n={len(runs)}) | "
+                     f"{sum(r['loss_spikes'] for r in runs)} / {sum(r['grad_spikes'] for r in runs)} | "
+                     f"{max((r['max_grad_norm'] or 0) for r in runs):.1f} | {_pm(reached, '.0f')}"
+                     + (f" ({len(steps) - len(reached)} never)" if len(reached) < len(steps) else "") + " |")
+    return lines
 
 
 def plot(args, sens, out):

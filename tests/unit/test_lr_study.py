@@ -3,6 +3,7 @@ and a --smoke study end to end (resumed without retraining)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -25,8 +26,6 @@ def corpus_prefix(tmp_path, monkeypatch):
 
 
 def _args(*extra):
-    import os
-
     return lr_study.parse_args(["--widths", "32,64", "--methods", "vanilla,scaled_embed", "--lrs",
                                 "1e-3,1e-2,1e-1", "--seeds", "1,2", "--high-from", "1e-2",
                                 "--data-path", os.environ["LR_STUDY_TEST_DATA"], *extra])
@@ -61,6 +60,33 @@ def test_slope_against_log2_width_per_seed():
     sens = lr_study.sensitivity(args, results)
     slope, per_seed = lr_study.slope_vs_width(args, sens, "vanilla")
     assert slope == pytest.approx(0.3) and per_seed == pytest.approx([0.3, 0.3])
+
+
+def test_baselines_table_compares_each_method_at_its_own_best_lr():
+    from benchmarks import lr_study_report as report
+
+    args = lr_study.parse_args(["--widths", "64", "--methods", "vanilla,wesar", "--lrs", "1e-3,1e-2",
+                                "--seeds", "1", "--extra-methods-width", "64",
+                                "--data-path", os.environ["LR_STUDY_TEST_DATA"]])
+    # 40-step curves falling 0.1 per step (vanilla) or 0.2 (wesar) from 9.0; wesar's best lr 1e-2
+    def curve(rate, floor):
+        return [[i, max(9.0 - rate * i, floor), 1.0] for i in range(1, 41)]
+
+    results = {}
+    for m, rate, best_lr in (("vanilla", 0.1, 1e-3), ("wesar", 0.2, 1e-2)):
+        for lr in args.lrs:
+            floor = 6.0 if lr == best_lr else 7.0
+            results[lr_study.run_name(64, m, lr, 1)] = dict(
+                _run(floor), curve=curve(rate, floor), final_train_loss=floor,
+                loss_spikes=0, grad_spikes=2 if m == "vanilla" else 0, max_grad_norm=3.0)
+    lines = report.baselines_table(args, results, lr_study.sensitivity(args, results))
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| vanilla") or
+            line.startswith("| wesar")}
+    # target: the worse best-lr run's final 20-step mean; vanilla's curve hits 6.0 at step 30, so its
+    # 20-step mean reaches its own final value only at the end (step 40)
+    assert "| vanilla | 0.001 | 6.000 (n=1) | 0 / 2 | 3.0 | 40 |" == rows["vanilla"]
+    assert rows["wesar"].startswith("| wesar | 0.01 | 6.000 (n=1) | 0 / 0 |")
+    assert report.steps_to(curve(0.2, 6.0), 6.5) < 40 and report.steps_to(curve(0.1, 7.0), 6.5) is None
 
 
 def test_wesar_init_sigma_uses_the_small_init_sigma_of_its_width():
