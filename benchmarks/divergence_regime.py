@@ -14,11 +14,15 @@ every regime (the probe), then 3+ seeds on the regimes where Vanilla failed.
 
 Runs go to OUT/runs/<regime>_<method>_s<seed>/ and resume like the sweep's. A run "diverged"
 when its loss went non-finite or ended > --diverge-margin nats above its best (smoothed) value;
-"spiked" when the stability monitor flagged a loss spike (z > --spike-zscore over --spike-window).
+"spiked" when the stability monitor flagged a loss spike (z > --spike-zscore over --spike-window);
+"stalled" when its 20-step mean training loss was still within --escape-margin nats of the
+corpus's unigram loss (the loss of predicting every token by its frequency: nothing learned from
+context) at half the run — the failure [SNM] Fig. 1 shows for Vanilla at a high lr.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -49,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="1")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--escape-margin", type=float, default=0.5,
+                   help="nats below the unigram loss that count as having left it (see 'stalled')")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--smoke", action="store_true", help="one regime, 2 methods, 8 steps, tiny model")
@@ -102,11 +108,29 @@ def plan(args):
     return results, jobs
 
 
+def unigram_loss(data_prefix):
+    """Cross-entropy in nats of the corpus's own token frequencies (None without a corpus)."""
+    if not os.path.exists(data_prefix + ".bin"):
+        return None
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(data_prefix)
+    counts = np.bincount(np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def table(args, results, wall_s):
-    lines = ["Divergence regime: share of seeds that diverged / spiked, per regime and method; final "
-             "training loss (20-step mean) over the seeds that did not diverge.", "",
-             "| regime | setting | method | seeds | diverged | spiked (loss) | loss spikes | "
-             "grad-norm spikes | max grad norm | final train loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    h = None if args.smoke else unigram_loss(args.recipe.data_path)
+    level = None if h is None else h - args.escape_margin
+    lines = ["Divergence regime: share of seeds that diverged / spiked / stalled, per regime and method; "
+             "final training loss (20-step mean) over the seeds that did not diverge. "
+             + ("" if h is None else f"Unigram loss of the corpus {h:.3f}; 'left unigram' = the step whose "
+                f"20-step mean training loss first fell below {level:.3f}, per seed (- = never)."), "",
+             "| regime | setting | method | seeds | diverged | spiked (loss) | stalled | loss spikes | "
+             "grad-norm spikes | max grad norm | left unigram at step | final train loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for regime in args.regimes:
         for method in args.methods:
             runs = [results[n] for n in (run_name(regime, method, s) for s in args.seeds) if n in results]
@@ -115,11 +139,15 @@ def table(args, results, wall_s):
             finals = [r["final_train_loss"] for r in runs if not r["diverged"] and r["final_train_loss"] is not None]
             final = "-" if not finals else f"{statistics.fmean(finals):.3f}" + (
                 f" ± {statistics.stdev(finals):.3f}" if len(finals) > 1 else "")
+            left = [None if level is None else sweep.steps_to(r["curve"], level) for r in runs]
+            half = REGIMES[regime]["iters"] / 2 if not args.smoke else math.inf
+            stalled = "-" if level is None else f"{sum(x is None or x > half for x in left)}/{len(runs)}"
+            left_s = "-" if level is None else ", ".join("-" if x is None else str(x) for x in left)
             lines.append(f"| {regime} | {describe(args, regime)} | {method} | {len(runs)} | "
                          f"{sum(r['diverged'] for r in runs)}/{len(runs)} | "
-                         f"{sum(r['loss_spikes'] > 0 for r in runs)}/{len(runs)} | "
+                         f"{sum(r['loss_spikes'] > 0 for r in runs)}/{len(runs)} | {stalled} | "
                          f"{sum(r['loss_spikes'] for r in runs)} | {sum(r['grad_spikes'] for r in runs)} | "
-                         f"{max((r['max_grad_norm'] or 0) for r in runs):.1f} | {final} |")
+                         f"{max((r['max_grad_norm'] or 0) for r in runs):.1f} | {left_s} | {final} |")
     run_s = sum(r["seconds"] for r in results.values())
     lines += ["", f"Runs: {len(results)}, {run_s / 60:.0f} run-minutes (single-threaded, {args.jobs} at a "
                   f"time); this invocation: {wall_s / 60:.1f} min wall."]
@@ -136,6 +164,7 @@ def plot(args, results, out):
         return
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
     colors = dict(zip(METHODS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    h = None if args.smoke else unigram_loss(args.recipe.data_path)
     for ax, regime in zip(axes.flat, regimes):
         for method in args.methods:
             for i, seed in enumerate(args.seeds):
@@ -143,6 +172,8 @@ def plot(args, results, out):
                 if r:
                     ax.plot([c[0] for c in r["curve"]], [c[1] if c[1] is not None else float("nan") for c in r["curve"]],
                             lw=0.6, color=colors[method], alpha=0.8, label=method if i == 0 else None)
+        if h is not None:
+            ax.axhline(h, color="gray", ls="--", lw=0.8, label="unigram loss")
         ax.set_title(f"{regime}\n{describe(args, regime)}", fontsize=8)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

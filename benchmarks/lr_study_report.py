@@ -5,6 +5,7 @@ import os
 import statistics
 
 from benchmarks.lr_study import final_loss, methods_at, run_name, slope_vs_width
+from benchmarks.spike_sweep import smoothed_curve, steps_to
 
 
 def _pm(values, spec=".3f"):
@@ -66,21 +67,6 @@ def write_table(args, results, sens, path, wall_s):
     return "\n".join(lines)
 
 
-def _smoothed(curve, window=20):
-    """(step, trailing mean of the last `window` finite losses) along a run's curve."""
-    out, recent = [], []
-    for step, loss, *_ in curve:
-        if loss is not None:
-            recent = (recent + [loss])[-window:]
-            out.append((step, statistics.fmean(recent)))
-    return out
-
-
-def steps_to(curve, target):
-    """First step whose 20-step mean training loss is <= target (None if never)."""
-    return next((step for step, v in _smoothed(curve) if v <= target), None)
-
-
 def baselines_table(args, results, sens):
     """Every method at the wide width, each at its own best lr (the [WeSaR] comparison: its
     baselines are small init with residual scaling = vanilla, and without it = xavier): final
@@ -94,8 +80,8 @@ def baselines_table(args, results, sens):
     def best_runs(m):
         return [results[n] for n in (run_name(d, m, cells[m]["best_lr"], s) for s in args.seeds) if n in results]
 
-    # The target from the same smoothing as steps_to, so the worst method reaches it at its end.
-    target = max(max((_smoothed(r["curve"]) or [(0, float("inf"))])[-1][1] for r in best_runs(m)) for m in cells)
+    # From the stored curves (rounded as saved), so the worst run reaches it at its last step.
+    target = max((smoothed_curve(r["curve"]) or [(0, float("inf"))])[-1][1] for m in cells for r in best_runs(m))
     lines = [f"At d {d}, each method at its own best lr: final val loss, spikes flagged by the monitor "
              f"(loss / gradient norm, summed over seeds), the largest gradient norm, and the steps to a "
              f"20-step mean training loss of {target:.3f} (the worst best-lr run's final one); "

@@ -155,6 +155,17 @@ def _smoothed(values, k=20):
     return [statistics.fmean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
 
+def smoothed_curve(curve, k=20):
+    """[(step, mean of the last k finite training losses)] along a stored curve."""
+    finite = [(c[0], c[1]) for c in curve if c[1] is not None and math.isfinite(c[1])]
+    return list(zip((step for step, _ in finite), _smoothed([x for _, x in finite], k)))
+
+
+def steps_to(curve, target, k=20):
+    """First step whose k-step mean training loss is <= target (None if never)."""
+    return next((step for step, v in smoothed_curve(curve, k) if v <= target), None)
+
+
 def summarize(curve, val_loss, spikes, stopped, margin):
     losses = [c[1] for c in curve]
     finite = [x for x in losses if x is not None and math.isfinite(x)]

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import divergence_regime as regime
 from tests.train_helpers import ROOT, subprocess_env
 
@@ -36,3 +38,38 @@ def test_smoke_regime_end_to_end(tmp_path):
     table = (out / "table.md").read_text()
     assert "| big_sigma | d 64, lr 0.01, 6 steps, sigma 0.0088, clip 1 | vanilla | 1 | 0/1 |" in table
     assert (out / "loss_curves.png").stat().st_size > 0
+
+
+def _corpus(prefix, docs):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(np.array(doc, dtype=np.uint16), [len(doc)])
+    builder.finalize(prefix + ".idx")
+
+
+def test_unigram_loss_and_the_stalled_share(tmp_path):
+    import math
+
+    prefix = str(tmp_path / "corpus")
+    _corpus(prefix, [[0, 1, 0, 1], [2, 2, 3, 3]])  # four tokens, equally frequent: ln 4
+    assert regime.unigram_loss(prefix) == pytest.approx(math.log(4))
+    args = regime.parse_args(["--regimes", "no_clip_high_lr", "--methods", "vanilla,scaled_embed",
+                              "--seeds", "1,2", "--data-path", prefix, "--escape-margin", "0.5"])
+    level = math.log(4) - 0.5  # 0.886
+
+    def run(curve):
+        return dict(curve=[[i + 1, v, 1.0] for i, v in enumerate(curve)], diverged=False, loss_spikes=0,
+                    grad_spikes=0, max_grad_norm=1.0, final_train_loss=curve[-1], seconds=1.0)
+
+    flat, late, early = [1.4] * 1000, [1.4] * 700 + [0.5] * 300, [1.4] * 10 + [0.5] * 990
+    results = {"no_clip_high_lr_vanilla_s1": run(flat), "no_clip_high_lr_vanilla_s2": run(late),
+               "no_clip_high_lr_scaled_embed_s1": run(early), "no_clip_high_lr_scaled_embed_s2": run(early)}
+    rows = [line for line in regime.table(args, results, 0.0).splitlines() if line.startswith("| no_clip")]
+    # vanilla: seed 1 never leaves, seed 2 leaves after half the run (step 500): both stalled;
+    # the 20-step mean of `late` first falls below 0.886 at step 700 + 12
+    assert "| vanilla | 2 | 0/2 | 0/2 | 2/2 |" in rows[0] and "| -, 712 |" in rows[0]
+    assert "| scaled_embed | 2 | 0/2 | 0/2 | 0/2 |" in rows[1] and "| 22, 22 |" in rows[1]
+    assert f"{level:.3f}" in regime.table(args, results, 0.0)

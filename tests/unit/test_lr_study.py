@@ -64,6 +64,7 @@ def test_slope_against_log2_width_per_seed():
 
 def test_baselines_table_compares_each_method_at_its_own_best_lr():
     from benchmarks import lr_study_report as report
+    from benchmarks import spike_sweep as sweep
 
     args = lr_study.parse_args(["--widths", "64", "--methods", "vanilla,wesar", "--lrs", "1e-3,1e-2",
                                 "--seeds", "1", "--extra-methods-width", "64",
@@ -77,7 +78,7 @@ def test_baselines_table_compares_each_method_at_its_own_best_lr():
         for lr in args.lrs:
             floor = 6.0 if lr == best_lr else 7.0
             results[lr_study.run_name(64, m, lr, 1)] = dict(
-                _run(floor), curve=curve(rate, floor), final_train_loss=floor,
+                _run(floor), curve=curve(rate, floor), final_train_loss=sweep.summarize(curve(rate, floor), None, [], None, 1.0)["final_train_loss"],
                 loss_spikes=0, grad_spikes=2 if m == "vanilla" else 0, max_grad_norm=3.0)
     lines = report.baselines_table(args, results, lr_study.sensitivity(args, results))
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| vanilla") or
@@ -86,7 +87,7 @@ def test_baselines_table_compares_each_method_at_its_own_best_lr():
     # 20-step mean reaches its own final value only at the end (step 40)
     assert "| vanilla | 0.001 | 6.000 (n=1) | 0 / 2 | 3.0 | 40 |" == rows["vanilla"]
     assert rows["wesar"].startswith("| wesar | 0.01 | 6.000 (n=1) | 0 / 0 |")
-    assert report.steps_to(curve(0.2, 6.0), 6.5) < 40 and report.steps_to(curve(0.1, 7.0), 6.5) is None
+    assert sweep.steps_to(curve(0.2, 6.0), 6.5) < 40 and sweep.steps_to(curve(0.1, 7.0), 6.5) is None
 
 
 def test_wesar_init_sigma_uses_the_small_init_sigma_of_its_width():
