@@ -36,6 +36,11 @@ REGIMES = {
     "big_sigma_no_clip": dict(width=64, lr=1e-2, iters=1000, init_std=0.0088, clip=0.0),
     "no_clip_high_lr": dict(width=64, lr=3e-2, iters=1000, init_std=None, clip=0.0),
     "long_high_lr": dict(width=64, lr=3e-2, iters=2000, init_std=None, clip=1.0),
+    # no_clip_high_lr across widths ([SNM]: Vanilla's LN gain ~ 1/sigma grows with d) and with
+    # the beta2 most large runs use (0.95, against the recipe's 0.999)
+    "no_clip_high_lr_d32": dict(width=32, lr=3e-2, iters=1000, init_std=None, clip=0.0),
+    "no_clip_high_lr_d128": dict(width=128, lr=3e-2, iters=1000, init_std=None, clip=0.0),
+    "no_clip_high_lr_beta2_0.95": dict(width=64, lr=3e-2, iters=1000, init_std=None, clip=0.0, beta2=0.95),
 }
 METHODS = {  # name -> flags (on top of the regime's)
     "vanilla": "",
@@ -83,13 +88,14 @@ def describe(args, regime):
         r.update(width=args.recipe.hidden_size, iters=args.recipe.iters)
     sigma = "small init" if r["init_std"] is None else f"sigma {r['init_std']:g}"
     return f"d {r['width']}, lr {r['lr']:g}, {r['iters']} steps, {sigma}, " + (
-        f"clip {r['clip']:g}" if r["clip"] else "no clipping")
+        f"clip {r['clip']:g}" if r["clip"] else "no clipping") + (f", beta2 {r['beta2']:g}" if "beta2" in r else "")
 
 
 def run_argv(args, regime, method, seed, run_dir):
     r = REGIMES[regime]
     recipe = argparse.Namespace(**vars(args.recipe))
     recipe.init_std, recipe.clip_grad = r["init_std"], r["clip"]
+    recipe.adam_beta2 = r.get("beta2", recipe.adam_beta2)
     if not args.smoke:
         recipe.hidden_size, recipe.num_attention_heads, recipe.iters = r["width"], max(1, r["width"] // 32), r["iters"]
     recipe.extra = " ".join(x for x in (recipe.extra, METHODS[method]) if x)

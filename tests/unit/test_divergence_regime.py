@@ -24,6 +24,11 @@ def test_regime_settings_reach_the_trainer_flags(tmp_path):
     assert _flag(argv, "--seed") == "2" and _flag(argv, "--train-iters") == "1000"
     small = regime.run_argv(args, "long_high_lr", "scaled_embed", 1, "/tmp/r")
     assert "--small-init" in small and "--scaled-embed" in small and _flag(small, "--train-iters") == "2000"
+    assert _flag(small, "--adam-beta2") == str(args.recipe.adam_beta2)
+    beta = regime.run_argv(args, "no_clip_high_lr_beta2_0.95", "vanilla", 1, "/tmp/r")
+    assert _flag(beta, "--adam-beta2") == "0.95" and "beta2 0.95" in regime.describe(args, "no_clip_high_lr_beta2_0.95")
+    wide = regime.run_argv(args, "no_clip_high_lr_d128", "vanilla", 1, "/tmp/r")
+    assert _flag(wide, "--hidden-size") == "128" and _flag(wide, "--num-attention-heads") == "4"
     assert len(regime.plan(args)[1]) == 3 * len(regime.REGIMES) * len(regime.METHODS)
 
 
