@@ -126,13 +126,18 @@ def main(argv=None):
     from megatron_patch.training.initialize import init_single_process
 
     init_single_process(args.seed)
+    defaults = {**stability_kwargs(parse_args([])), "qk_layernorm": False}
     base = {k: v for k, v in configured.items() if k not in NO_FIX}
     variants = {"configured": configured}
     if not args.only_configured:
         variants.update({n: {**base, **NO_FIX, **v} for n, v in VARIANTS.items()})
+        same = next((n for n, v in variants.items() if n != "configured" and v == configured), None)
+        if same is not None:  # measured once, under the variant's name
+            del variants["configured"]
+            print(f"the configured model is the '{same}' variant")
     print(f"model: {args.num_layers} layers, d={args.hidden_size}, heads={args.num_attention_heads}, "
           f"seq={args.seq_length}, batch={args.micro_batch_size}, vocab={args.vocab_size}; "
-          f"configured options: {({k: v for k, v in configured.items() if v not in (False, None, 'scaled')}) or 'none'}")
+          f"configured options: {({k: v for k, v in configured.items() if v != defaults.get(k)}) or 'none'}")
     summary = []
     for name, options in variants.items():
         loss, rows = measure(args, options)

@@ -53,3 +53,11 @@ def test_qk_layernorm_is_a_variant_of_the_report(mcore):
                               "--seq-length", "8", "--vocab-size", "64", "--qk-layernorm"])
     _, rows = report.measure(args, {"qk_layernorm": True})
     assert len(rows) == 2 and all(r["g_qkv"] > 0 for r in rows)
+
+
+def test_a_configured_model_equal_to_a_variant_is_measured_once(mcore, capsys):
+    report.main(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                 "--seq-length", "8", "--vocab-size", "64", "--micro-batch-size", "1"])
+    out = capsys.readouterr().out
+    assert "the configured model is the 'vanilla' variant" in out and "configured options: none" in out
+    assert "== configured" not in out and all(f"== {name} " in out for name in report.VARIANTS)
