@@ -174,10 +174,17 @@ def hf_to_megatron_state(hf_state, template: dict, num_layers: int, heads: int):
             out[m] = t.contiguous()
     out["decoder.final_layernorm.weight"] = hf_state["transformer.ln_f.weight"]
     out["decoder.final_layernorm.bias"] = hf_state["transformer.ln_f.bias"]
-    out["embedding.word_embeddings.weight"] = hf_state["transformer.wte.weight"]
     out["embedding.position_embeddings.weight"] = hf_state["transformer.wpe.weight"]
+    return with_embedding_and_head(out, hf_state, template, "transformer.wte.weight")
+
+
+def with_embedding_and_head(out: dict, hf_state, template: dict, embed_key: str) -> dict:
+    """The tail every import shares: the word embedding, an untied head from `lm_head.weight`
+    (the embedding when the checkpoint ties them), and whatever else `template` holds
+    (`_extra_state` entries and the like) at the template's values."""
+    out["embedding.word_embeddings.weight"] = hf_state[embed_key]
     if "output_layer.weight" in template:
-        out["output_layer.weight"] = hf_state.get("lm_head.weight", hf_state["transformer.wte.weight"])
-    for key, value in template.items():  # _extra_state entries and the like
+        out["output_layer.weight"] = hf_state.get("lm_head.weight", hf_state[embed_key])
+    for key, value in template.items():
         out.setdefault(key, value)
     return out

@@ -18,7 +18,7 @@ embedding table, the output layer untied and keeping the raw table.
 
 import torch
 
-from .hf import source_state
+from .hf import source_state, with_embedding_and_head
 
 SUFFIXES = [  # (megatron suffix in decoder.layers.{i}., llama suffix in model.layers.{i}.)
     ("input_layernorm.weight", "input_layernorm.weight"),
@@ -144,12 +144,7 @@ def llama_to_megatron_state(hf_state, template: dict, num_layers: int, heads: in
             out[f"{m}mlp.linear_fc1.{kind}"] = torch.cat([hf_state[f"{h}mlp.gate_proj.{kind}"],
                                                           hf_state[f"{h}mlp.up_proj.{kind}"]])
     out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"]
-    out["embedding.word_embeddings.weight"] = hf_state["model.embed_tokens.weight"]
-    if "output_layer.weight" in template:
-        out["output_layer.weight"] = hf_state.get("lm_head.weight", hf_state["model.embed_tokens.weight"])
-    for key, value in template.items():  # _extra_state entries and the like
-        out.setdefault(key, value)
-    return out
+    return with_embedding_and_head(out, hf_state, template, "model.embed_tokens.weight")
 
 
 def args_from_llama_config(hf) -> dict:
