@@ -191,7 +191,7 @@ def main(argv=None):
                    "recipe": vars(args.recipe), "runs": results}, f)
     print(report.write_table(args, results, sens, os.path.join(args.out, "table.md"), wall))
     if not args.no_plots:
-        report.plot(args, sens, args.out)
+        report.plot(args, results, sens, args.out)
     return 0
 
 

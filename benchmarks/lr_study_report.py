@@ -12,7 +12,8 @@ def _pm(values, spec=".3f"):
     if not values:
         return "-"
     mean = format(statistics.fmean(values), spec)
-    return mean + (f" ± {format(statistics.stdev(values), spec)}" if len(values) > 1 else "")
+    sd = spec.replace("+", "")  # a spread has no sign
+    return mean + (f" ± {format(statistics.stdev(values), sd)}" if len(values) > 1 else "")
 
 
 def write_table(args, results, sens, path, wall_s):
@@ -43,6 +44,7 @@ def write_table(args, results, sens, path, wall_s):
         if slope is not None:
             lines.append(f"| {m} | {slope:+.3f} | " + (f"[{min(per_seed):+.3f}, {max(per_seed):+.3f}]"
                                                        if per_seed else "-") + " |")
+    lines += [""] + deficit_table(args, results)
     lrs = sorted(args.lrs)
     lines += ["", "Final validation loss (capped at the loss at init), mean ± sd over seeds; "
               "† = seeds that diverged (loss ended > margin above its best).", "",
@@ -65,6 +67,36 @@ def write_table(args, results, sens, path, wall_s):
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def best_loss(args, results, width, method, seed):
+    """A seed's best capped final loss over the lr grid (None unless every lr is done)."""
+    runs = [results.get(run_name(width, method, lr, seed)) for lr in args.lrs]
+    return None if any(r is None for r in runs) else min(final_loss(r)[0] for r in runs)
+
+
+def deficits(args, results, reference="vanilla"):
+    """{(width, method): [reference's best loss on the lr grid - method's best, per seed]} over
+    the seeds where both have every lr. [SNM]'s mechanism predicts a gap that grows with d."""
+    out = {}
+    for d in args.widths:
+        for m in methods_at(args, d):
+            pairs = [(best_loss(args, results, d, reference, s), best_loss(args, results, d, m, s)) for s in args.seeds]
+            gaps = [ref - other for ref, other in pairs if ref is not None and other is not None]
+            if m != reference and gaps:
+                out[d, m] = gaps
+    return out
+
+
+def deficit_table(args, results, reference="vanilla"):
+    gaps, others = deficits(args, results, reference), [m for m in args.methods if m != reference]
+    lines = [f"{reference}'s deficit: its best final val loss on the lr grid minus each method's best, "
+             "paired by seed; mean ± sd (positive = the method beats it).", "",
+             "| width | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|"]
+    for d in args.widths:
+        lines.append(f"| d {d} | " + " | ".join(
+            _pm(gaps[d, m], "+.3f") + f" (n={len(gaps[d, m])})" if (d, m) in gaps else "" for m in others) + " |")
+    return lines
 
 
 def baselines_table(args, results, sens):
@@ -99,11 +131,12 @@ def baselines_table(args, results, sens):
     return lines
 
 
-def plot(args, sens, out):
+def plot(args, results, sens, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {m: f"C{i}" for i, m in enumerate(args.methods)}  # one color per method in every panel
     widths = [d for d in args.widths if any((d, m) in sens for m in args.methods)]
     if not widths:
         return
@@ -116,7 +149,7 @@ def plot(args, sens, out):
             lrs = sorted(s["losses"])
             ys = [statistics.fmean(s["losses"][lr]) for lr in lrs]
             err = [statistics.stdev(s["losses"][lr]) if len(s["losses"][lr]) > 1 else 0 for lr in lrs]
-            ax.errorbar(lrs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=m)
+            ax.errorbar(lrs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1, label=m, color=colors[m])
         ax.set_xscale("log")
         ax.set_title(f"d {d}")
         ax.set_xlabel("peak learning rate")
@@ -127,22 +160,27 @@ def plot(args, sens, out):
     fig.savefig(os.path.join(out, "final_loss_vs_lr.png"), dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    for ax, key, title in ((axes[0, 0], "per_seed", "whole lr grid (Wortsman et al.)"),
-                           (axes[0, 1], "high_side", f"lrs >= {args.high_from:g} only")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), squeeze=False)
+    gaps = deficits(args, results)
+    panels = ((axes[0, 0], {k: v["per_seed"] for k, v in sens.items()}, "whole lr grid (Wortsman et al.)"),
+              (axes[0, 1], {k: v["high_side"] for k, v in sens.items()}, f"lrs >= {args.high_from:g} only"),
+              (axes[0, 2], gaps, "vanilla's best loss minus the method's best"))
+    for ax, cells, title in panels:
         for m in args.methods:
-            pts = [(d, sens[d, m][key]) for d in args.widths if (d, m) in sens]
+            pts = [(d, cells[d, m]) for d in args.widths if (d, m) in cells]
             if not pts:
                 continue
             ax.errorbar([d for d, _ in pts], [statistics.fmean(v) for _, v in pts],
                         yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts],
-                        marker="o", capsize=3, lw=1, label=m)
+                        marker="o", capsize=3, lw=1, label=m, color=colors[m])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width d")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0, 0].set_ylabel("lr sensitivity (nats; mean ± sd over seeds)")
+    axes[0, 2].set_ylabel("vanilla's deficit (nats; mean ± sd over seeds)")
+    axes[0, 2].axhline(0, color="gray", lw=0.8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lr_sensitivity_vs_width.png"), dpi=110)
     plt.close(fig)

@@ -90,6 +90,20 @@ def test_baselines_table_compares_each_method_at_its_own_best_lr():
     assert sweep.steps_to(curve(0.2, 6.0), 6.5) < 40 and sweep.steps_to(curve(0.1, 7.0), 6.5) is None
 
 
+def test_vanillas_deficit_is_paired_by_seed():
+    from benchmarks import lr_study_report as report
+
+    args = _args()
+    results = {}
+    for seed, (v_best, s_best) in ((1, (6.0, 5.5)), (2, (6.2, 5.9))):
+        for lr in args.lrs:
+            for m, best in (("vanilla", v_best), ("scaled_embed", s_best)):
+                results[lr_study.run_name(32, m, lr, seed)] = _run(best if lr == 1e-2 else best + 1.0)
+    results[lr_study.run_name(64, "vanilla", 1e-3, 1)] = _run(6.0)  # d 64 incomplete: no cell
+    lines = report.deficit_table(args, results)
+    assert "| d 32 | +0.400 ± 0.141 (n=2) |" in lines and "| d 64 |  |" in lines
+
+
 def test_wesar_init_sigma_uses_the_small_init_sigma_of_its_width():
     argv = lr_study.run_argv(_args(), 128, "wesar_init_sigma", 1e-3, 1, "/tmp/x")
     assert argv[argv.index("--wesar-init-std") + 1] == str(round(math.sqrt(2 / (5 * 128)), 7))
