@@ -131,20 +131,21 @@ def table(args, results, wall_s):
     h = None if args.smoke else unigram_loss(args.recipe.data_path)
     level = None if h is None else h - args.escape_margin
     lines = ["Divergence regime: share of seeds that diverged / spiked / stalled, per regime and method; "
-             "final training loss (20-step mean) over the seeds that did not diverge. "
+             "final training loss (20-step mean) and validation loss over the seeds that did not diverge. "
              + ("" if h is None else f"Unigram loss of the corpus {h:.3f}; 'left unigram' = the step whose "
                 f"20-step mean training loss first fell below {level:.3f}, per seed (- = never)."), "",
              "| regime | setting | method | seeds | diverged | spiked (loss) | stalled | loss spikes | "
-             "grad-norm spikes | max grad norm | left unigram at step | final train loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "grad-norm spikes | max grad norm | left unigram at step | final train loss | final val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for regime in args.regimes:
         for method in args.methods:
             runs = [results[n] for n in (run_name(regime, method, s) for s in args.seeds) if n in results]
             if not runs:
                 continue
             finals = [r["final_train_loss"] for r in runs if not r["diverged"] and r["final_train_loss"] is not None]
-            final = "-" if not finals else f"{statistics.fmean(finals):.3f}" + (
-                f" ± {statistics.stdev(finals):.3f}" if len(finals) > 1 else "")
+            vals = [r["val_loss"] for r in runs if not r["diverged"] and r["val_loss"] is not None]
+            final, val = (("-" if not xs else f"{statistics.fmean(xs):.3f}" + (
+                f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")) for xs in (finals, vals))
             left = [None if level is None else sweep.steps_to(r["curve"], level) for r in runs]
             half = REGIMES[regime]["iters"] / 2 if not args.smoke else math.inf
             stalled = "-" if level is None else f"{sum(x is None or x > half for x in left)}/{len(runs)}"
@@ -153,7 +154,7 @@ def table(args, results, wall_s):
                          f"{sum(r['diverged'] for r in runs)}/{len(runs)} | "
                          f"{sum(r['loss_spikes'] > 0 for r in runs)}/{len(runs)} | {stalled} | "
                          f"{sum(r['loss_spikes'] for r in runs)} | {sum(r['grad_spikes'] for r in runs)} | "
-                         f"{max((r['max_grad_norm'] or 0) for r in runs):.1f} | {left_s} | {final} |")
+                         f"{max((r['max_grad_norm'] or 0) for r in runs):.1f} | {left_s} | {final} | {val} |")
     run_s = sum(r["seconds"] for r in results.values())
     lines += ["", f"Runs: {len(results)}, {run_s / 60:.0f} run-minutes (single-threaded, {args.jobs} at a "
                   f"time); this invocation: {wall_s / 60:.1f} min wall."]

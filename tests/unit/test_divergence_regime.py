@@ -67,7 +67,7 @@ def test_unigram_loss_and_the_stalled_share(tmp_path):
 
     def run(curve):
         return dict(curve=[[i + 1, v, 1.0] for i, v in enumerate(curve)], diverged=False, loss_spikes=0,
-                    grad_spikes=0, max_grad_norm=1.0, final_train_loss=curve[-1], seconds=1.0)
+                    grad_spikes=0, max_grad_norm=1.0, final_train_loss=curve[-1], val_loss=curve[-1], seconds=1.0)
 
     flat, late, early = [1.4] * 1000, [1.4] * 700 + [0.5] * 300, [1.4] * 10 + [0.5] * 990
     results = {"no_clip_high_lr_vanilla_s1": run(flat), "no_clip_high_lr_vanilla_s2": run(late),
@@ -77,4 +77,5 @@ def test_unigram_loss_and_the_stalled_share(tmp_path):
     # the 20-step mean of `late` first falls below 0.886 at step 700 + 12
     assert "| vanilla | 2 | 0/2 | 0/2 | 2/2 |" in rows[0] and "| -, 712 |" in rows[0]
     assert "| scaled_embed | 2 | 0/2 | 0/2 | 0/2 |" in rows[1] and "| 22, 22 |" in rows[1]
+    assert rows[1].endswith("| 0.500 ± 0.000 | 0.500 ± 0.000 |")
     assert f"{level:.3f}" in regime.table(args, results, 0.0)
