@@ -177,14 +177,14 @@ def plot(args, results, out):
             for i, seed in enumerate(args.seeds):
                 r = results.get(run_name(regime, method, seed))
                 if r:
-                    ax.plot([c[0] for c in r["curve"]], [c[1] if c[1] is not None else float("nan") for c in r["curve"]],
-                            lw=0.6, color=colors[method], alpha=0.8, label=method if i == 0 else None)
+                    steps, means = zip(*sweep.smoothed_curve(r["curve"])) if r["curve"] else ((), ())
+                    ax.plot(steps, means, lw=0.9, color=colors[method], alpha=0.8, label=method if i == 0 else None)
         if h is not None:
             ax.axhline(h, color="gray", ls="--", lw=0.8, label="unigram loss")
         ax.set_title(f"{regime}\n{describe(args, regime)}", fontsize=8)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes.flat[0].set_ylabel("training loss (every seed)")
+    axes.flat[0].set_ylabel("training loss, 20-step mean (every seed)")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
