@@ -17,7 +17,7 @@ when its loss went non-finite or ended > --diverge-margin nats above its best (s
 "spiked" when the stability monitor flagged a loss spike (z > --spike-zscore over --spike-window);
 "stalled" when its 20-step mean training loss was still within --escape-margin nats of the
 corpus's unigram loss (the loss of predicting every token by its frequency: nothing learned from
-context) at half the run — the failure [SNM] Fig. 1 shows for Vanilla at a high lr.
+context) at half the run: at CPU scale a high lr stalls training rather than blowing it up.
 """
 
 import argparse
