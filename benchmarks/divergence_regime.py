@@ -21,6 +21,7 @@ context) at half the run: at CPU scale a high lr stalls training rather than blo
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -114,6 +115,7 @@ def plan(args):
     return results, jobs
 
 
+@functools.lru_cache(maxsize=None)  # the table and the plot both ask; the corpus is read once
 def unigram_loss(data_prefix):
     """Cross-entropy in nats of the corpus's own token frequencies (None without a corpus)."""
     if not os.path.exists(data_prefix + ".bin"):

@@ -132,13 +132,13 @@ def final_loss(run):
 
 
 def sensitivity(args, results):
-    """{(width, method): {"per_seed": [...], "mean", "sd", "high_side": [...], "best_lr",
+    """{(width, method): {"per_seed": [...], "best_per_seed": {seed: best}, "mean", "sd", "high_side": [...], "best_lr",
     "losses": {lr: [per seed]}}}
     over the (width, method) cells whose every lr is done for at least one seed."""
     out = {}
     for width in args.widths:
         for method in methods_at(args, width):
-            losses, per_seed, high_side = {lr: [] for lr in args.lrs}, [], []
+            losses, per_seed, high_side, best_of = {lr: [] for lr in args.lrs}, [], [], {}
             lrs = sorted(args.lrs)
             for seed in args.seeds:
                 runs = [results.get(run_name(width, method, lr, seed)) for lr in lrs]
@@ -147,7 +147,7 @@ def sensitivity(args, results):
                 capped = [final_loss(r)[0] for r in runs]
                 for lr, v in zip(lrs, capped):
                     losses[lr].append(v)
-                best = min(capped)
+                best = best_of[seed] = min(capped)
                 per_seed.append(statistics.fmean(capped) - best)
                 # The instability side alone: the same excess over the grid's top lrs only (at the
                 # bottom, the excess measures too few steps, not instability).
@@ -155,7 +155,7 @@ def sensitivity(args, results):
                 high_side.append(statistics.fmean(top) - best if top else float("nan"))
             if per_seed:
                 means = {lr: statistics.fmean(v) for lr, v in losses.items()}
-                out[width, method] = dict(per_seed=per_seed, mean=statistics.fmean(per_seed),
+                out[width, method] = dict(per_seed=per_seed, best_per_seed=best_of, mean=statistics.fmean(per_seed),
                                           sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
                                           high_side=high_side,
                                           best_lr=min(means, key=means.get), best_loss=min(means.values()),
@@ -191,7 +191,7 @@ def main(argv=None):
                    "recipe": vars(args.recipe), "runs": results}, f)
     print(report.write_table(args, results, sens, os.path.join(args.out, "table.md"), wall))
     if not args.no_plots:
-        report.plot(args, results, sens, args.out)
+        report.plot(args, sens, args.out)
     return 0
 
 

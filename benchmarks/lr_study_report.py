@@ -44,7 +44,7 @@ def write_table(args, results, sens, path, wall_s):
         if slope is not None:
             lines.append(f"| {m} | {slope:+.3f} | " + (f"[{min(per_seed):+.3f}, {max(per_seed):+.3f}]"
                                                        if per_seed else "-") + " |")
-    lines += [""] + deficit_table(args, results)
+    lines += [""] + deficit_table(args, sens)
     lrs = sorted(args.lrs)
     lines += ["", "Final validation loss (capped at the loss at init), mean ± sd over seeds; "
               "† = seeds that diverged (loss ended > margin above its best).", "",
@@ -69,27 +69,22 @@ def write_table(args, results, sens, path, wall_s):
     return "\n".join(lines)
 
 
-def best_loss(args, results, width, method, seed):
-    """A seed's best capped final loss over the lr grid (None unless every lr is done)."""
-    runs = [results.get(run_name(width, method, lr, seed)) for lr in args.lrs]
-    return None if any(r is None for r in runs) else min(final_loss(r)[0] for r in runs)
-
-
-def deficits(args, results, reference="vanilla"):
+def deficits(sens, reference="vanilla"):
     """{(width, method): [reference's best loss on the lr grid - method's best, per seed]} over
     the seeds where both have every lr. [SNM]'s mechanism predicts a gap that grows with d."""
     out = {}
-    for d in args.widths:
-        for m in methods_at(args, d):
-            pairs = [(best_loss(args, results, d, reference, s), best_loss(args, results, d, m, s)) for s in args.seeds]
-            gaps = [ref - other for ref, other in pairs if ref is not None and other is not None]
-            if m != reference and gaps:
+    for (d, m), cell in sens.items():
+        ref = sens.get((d, reference))
+        if m != reference and ref is not None:
+            gaps = [ref["best_per_seed"][s] - best for s, best in cell["best_per_seed"].items()
+                    if s in ref["best_per_seed"]]
+            if gaps:
                 out[d, m] = gaps
     return out
 
 
-def deficit_table(args, results, reference="vanilla"):
-    gaps, others = deficits(args, results, reference), [m for m in args.methods if m != reference]
+def deficit_table(args, sens, reference="vanilla"):
+    gaps, others = deficits(sens, reference), [m for m in args.methods if m != reference]
     lines = [f"{reference}'s deficit: its best final val loss on the lr grid minus each method's best, "
              "paired by seed; mean ± sd (positive = the method beats it).", "",
              "| width | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|"]
@@ -131,7 +126,7 @@ def baselines_table(args, results, sens):
     return lines
 
 
-def plot(args, results, sens, out):
+def plot(args, sens, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,7 +156,7 @@ def plot(args, results, sens, out):
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4), squeeze=False)
-    gaps = deficits(args, results)
+    gaps = deficits(sens)
     panels = ((axes[0, 0], {k: v["per_seed"] for k, v in sens.items()}, "whole lr grid (Wortsman et al.)"),
               (axes[0, 1], {k: v["high_side"] for k, v in sens.items()}, f"lrs >= {args.high_from:g} only"),
               (axes[0, 2], gaps, "vanilla's best loss minus the method's best"))

@@ -100,7 +100,7 @@ def test_vanillas_deficit_is_paired_by_seed():
             for m, best in (("vanilla", v_best), ("scaled_embed", s_best)):
                 results[lr_study.run_name(32, m, lr, seed)] = _run(best if lr == 1e-2 else best + 1.0)
     results[lr_study.run_name(64, "vanilla", 1e-3, 1)] = _run(6.0)  # d 64 incomplete: no cell
-    lines = report.deficit_table(args, results)
+    lines = report.deficit_table(args, lr_study.sensitivity(args, results))
     assert "| d 32 | +0.400 ± 0.141 (n=2) |" in lines and "| d 64 |  |" in lines
 
 
