@@ -84,6 +84,24 @@ def as_on_cuda() -> Capabilities:
     return caps if caps.cuda else dataclasses.replace(caps, cuda=True)
 
 
+def deepspeed_precision_problem(precision: str) -> Optional[str]:
+    """Why DeepSpeed cannot train in `precision` ("fp16" or "bf16") on this machine, or None.
+    DeepSpeed's engine refuses, deep in its start-up, a dtype its accelerator does not list. Its CPU
+    accelerator lists fp16 only where oneDNN has fp16 kernels (CPUs with avx512_fp16 or AMX-FP16,
+    e.g. Intel Sapphire Rapids; not AMD EPYC Zen 4), and bf16 everywhere. Imports DeepSpeed: ask
+    only when --deepspeed is given."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if dtype in accelerator.supported_dtypes():
+        return None
+    device = accelerator.device_name()
+    hint = " (oneDNN has no fp16 kernels for this CPU: it needs avx512_fp16 or AMX-FP16)" if device == "cpu" else ""
+    return (f"--{precision} with --deepspeed: DeepSpeed's {device} accelerator does not support {precision} "
+            f"here{hint}; use --bf16, or drop --deepspeed (megatron-core's engine trains --{precision} on any machine)")
+
+
 # ---------------------------------------------------------------- decisions
 def default_transformer_impl(caps: Optional[Capabilities] = None) -> str:
     """Transformer Engine's layers on a GPU machine that has them, else megatron-core's local ones."""

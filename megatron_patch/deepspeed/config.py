@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 
+from megatron_patch import capabilities
 from megatron_patch.training.errors import SetupError
 
 # Flags that configure what --deepspeed replaces (megatron-core's DDP, distributed optimizer,
@@ -61,9 +62,19 @@ def validate_deepspeed_args(args) -> None:
     config = _read_json(args.deepspeed_config)
     _check_keys_and_types(config, args.deepspeed_config)
     _reconcile(config, args)
+    _refuse_unsupported_precision(args)
     args.deepspeed_config_dict = config
     args.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
     _refuse_unsupported_monitoring(args)
+
+
+def _refuse_unsupported_precision(args) -> None:
+    """A precision DeepSpeed's accelerator cannot run here: one line now, not its engine's error later."""
+    for precision in ("fp16", "bf16"):
+        if getattr(args, precision):
+            problem = capabilities.deepspeed_precision_problem(precision)
+            if problem:
+                raise SetupError(problem)
 
 
 def _refuse_unsupported_monitoring(args) -> None:

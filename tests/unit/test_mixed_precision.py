@@ -3,6 +3,7 @@ scaler (the GPU's code path, slowly): Megatron-LM's precision rules, a loss scal
 fp32 gradient reduction under bf16, an exact fp16 resume, and evaluation/export of the result."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -102,9 +103,16 @@ def make_corpus_sample(vocab=200, length=33):
 
 @pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
 def test_deepspeed_mixed_precision_matches_the_megatron_engine(corpus, precision):
-    """DeepSpeed's own loss scaler / bf16 path, fed the same flags, follows the same curve."""
+    """DeepSpeed's own loss scaler / bf16 path, fed the same flags, follows the same curve. Where
+    DeepSpeed's accelerator lacks the dtype (fp16 on CPUs without oneDNN fp16 kernels), the
+    scaler half of this is proven by the replay test below, which runs everywhere."""
     pytest.importorskip("deepspeed")
+    from megatron_patch.capabilities import deepspeed_precision_problem
     from tests.train_helpers import ROOT
+
+    problem = deepspeed_precision_problem(precision.lstrip("-"))
+    if problem:
+        pytest.skip(problem)
 
     argv = ["--train-iters", 24, precision]
     megatron = run_inprocess(tiny_args(*argv, data=corpus)).history
@@ -114,3 +122,45 @@ def test_deepspeed_mixed_precision_matches_the_megatron_engine(corpus, precision
     assert [h["loss_scale"] for h in zero1] == [h["loss_scale"] for h in megatron]
     deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(zero1, megatron)]
     assert max(deltas) < 1e-3, deltas
+
+
+def test_deepspeed_loss_scaler_from_our_flags_replays_the_megatron_scale_sequence(corpus, monkeypatch):
+    """Runs on every CPU: DeepSpeed's own dynamic loss scaler, built by DeepSpeed's config parser
+    from the fp16 section our flags produce, is fed the megatron engine's overflow (skipped-step)
+    sequence and must give the megatron scaler's scale after every step (up to DeepSpeed's later
+    growth, below). With the bf16 engine comparison above, this is what the fp16 engine
+    comparison proves, less the fp16 arithmetic."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from megatron_patch import capabilities
+    from megatron_patch.deepspeed.config import validate_deepspeed_args
+    from tests.train_helpers import ROOT
+
+    flags = ("--initial-loss-scale", 2 ** 20, "--loss-scale-window", 6, "--hysteresis", 2)
+    megatron = fp16_run(corpus, *flags, iters=30).history
+    assert any(h["skipped"] for h in megatron) and len({h["loss_scale"] for h in megatron}) > 2  # it moved
+
+    # Only DeepSpeed's config parser and scaler run here, no fp16 arithmetic: the accelerator's
+    # dtype question (this CPU may lack fp16 kernels) does not apply.
+    monkeypatch.setattr(capabilities, "deepspeed_precision_problem", lambda precision: None)
+    args = validate(*flags, "--fp16")
+    args.deepspeed, args.deepspeed_config = True, str(ROOT / "examples/deepspeed/zero1.json")
+    validate_deepspeed_args(args)
+    fp16 = DeepSpeedConfig(args.deepspeed_config_dict).float16_config
+    # The scaler asks deepspeed.comm for the rank only to log its overflow messages.
+    monkeypatch.setattr(loss_scaler, "dist", types.SimpleNamespace(get_rank=lambda: 0))
+    scaler = loss_scaler.CreateLossScaler(torch.half, fp16.loss_scale, fp16.loss_scale == 0, fp16.dynamic_loss_scale_args())
+    replayed = []
+    for h in megatron:
+        scaler.update_scale(h["skipped"])
+        replayed.append(scaler.cur_scale)
+    # Backoff and hysteresis agree step for step. Growth does not: megatron doubles the scale on
+    # the --loss-scale-window-th clean step after an overflow, DeepSpeed on the one after (its
+    # stable interval excludes the current step), so each increase comes one step later there.
+    scales = [h["loss_scale"] for h in megatron]
+    grew = [i for i in range(1, len(scales)) if scales[i] > scales[i - 1]]
+    assert grew and all(not megatron[i + 1]["skipped"] for i in grew if i + 1 < len(scales))
+    one_step_later = [scales[i - 1] if i in grew else scale for i, scale in enumerate(scales)]
+    assert replayed == one_step_later
