@@ -15,7 +15,6 @@ SIZES = ("350m", "1.7b", "13b")
 METHODS = ("vanilla", "embed_detach", "embed_ln", "scaled_embed", "xavier_init", "sigma1_embed", "wesar")
 # The cluster each size is planned for in docs/reproduce.md: (nodes, GPUs per node, GB per GPU).
 CLUSTERS = {"350m": (1, 8, 80), "1.7b": (1, 8, 80), "13b": (4, 8, 80)}
-PEAK_TFLOPS, MFU = 989.0, 0.40  # H100 SXM dense fp16/bf16; an assumed utilisation for the days column
 
 
 def read_args(path: Path) -> list:
@@ -44,13 +43,15 @@ def plan_run(size: str, method: str, lr=None):
 
 
 def main() -> int:
+    from megatron_patch.training import dry_run
+
     print("| size | method | parameters | GPUs | TP x PP x DP, micro-batch | memory per GPU (GB, est.) "
-          "| tokens/step | FLOPs/step | days at 40% MFU (H100) |")
+          f"| tokens/step | FLOPs/step | days at {dry_run.ASSUMED_MFU:.0%} MFU (H100) |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|")
     for size in SIZES:
         for method in METHODS:
             args, p = plan_run(size, method)
-            days = args.train_iters * p["flops_per_step"] / (args.world_size * PEAK_TFLOPS * 1e12 * MFU) / 86400
+            days = dry_run.days_per_run(args, p["flops_per_step"])
             nodes, gpus, memory = CLUSTERS[size]
             print(f"| {size} | {method} | {p['parameters']:,} | {nodes}x{gpus} ({memory:g} GB) | "
                   f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size} x "

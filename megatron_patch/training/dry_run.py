@@ -26,6 +26,9 @@ from .errors import SetupError
 
 HEADROOM = 0.10
 GB = 1e9
+# The time-per-run estimate's assumptions, named where it is printed: an H100 SXM's dense bf16/fp16
+# peak, and a model FLOPs utilisation at the low end of Megatron's published 41-49% on H100.
+ASSUMED_PEAK_TFLOPS, ASSUMED_MFU = 989.0, 0.40
 
 
 def add_dry_run_args(parser):
@@ -204,6 +207,12 @@ def _vocab_size(args) -> int:
     return build_tokenizer(args).vocab_size
 
 
+def days_per_run(args, flops_per_step: float) -> float:
+    """--train-iters steps at ASSUMED_MFU of ASSUMED_PEAK_TFLOPS on every GPU, in days."""
+    per_second = args.world_size * ASSUMED_PEAK_TFLOPS * 1e12 * ASSUMED_MFU
+    return args.train_iters * flops_per_step / per_second / 86400
+
+
 def plan(args) -> dict:
     """Everything the report prints, as numbers (for tests and the layout chooser)."""
     from .logging import training_flops_per_token
@@ -237,13 +246,19 @@ def run_dry_run(args) -> int:
           f"seq {args.seq_length}, vocab padded to {p['padded_vocab']}, {precision}; nothing built")
     print(f"layout: {layout_line(args)}")
     print(f"parameters: {p['parameters']}")
-    print(f"parameters per GPU: {mem.parameters} (largest: {mem.stage} pipeline stage)")
+    where = ("no pipeline: every layer" if mem.stage == "all"
+             else f"on the {mem.stage} pipeline stage, the larger in memory")
+    print(f"parameters per GPU: {mem.parameters} ({where})")
     print(f"memory per GPU (GB, estimate): weights {mem.weights / GB:.2f} | grads {mem.grads / GB:.2f} | "
           f"optimizer {mem.optimizer / GB:.2f} | activations {mem.activations / GB:.2f} | "
           f"total {mem.total / GB:.2f} (+{HEADROOM:.0%} headroom) of {args.gpu_memory_gb:g}")
     print(f"tokens per step: {p['tokens_per_step']}")
     print(f"FLOPs per step: {p['flops_per_step']:.4g} ({p['flops_per_step'] / args.world_size:.4g} per GPU; "
           f"model FLOPs, 3 x forward, no recomputation)")
+    tokens = args.train_iters * p["tokens_per_step"]
+    print(f"time per run: {days_per_run(args, p['flops_per_step']):.1f} days for {args.train_iters} steps "
+          f"({tokens:.3g} tokens), assuming {ASSUMED_MFU:.0%} MFU of an H100's {ASSUMED_PEAK_TFLOPS:g} "
+          f"dense fp16/bf16 TFLOP/s on each of {args.world_size} GPUs (not measured)")
     if not p["fits"]:
         print(f"dry run: error: needs {mem.total * (1 + HEADROOM) / GB:.1f} GB per GPU with headroom, "
               f"more than --gpu-memory-gb {args.gpu_memory_gb:g}: use more tensor/pipeline parallelism, "

@@ -57,6 +57,20 @@ def test_report_prints_exact_count_and_every_memory_part(capsys):
     assert count == dry_run.plan(args)["parameters"]
     for part in ("weights", "grads", "optimizer", "activations", "tokens per step: 32", "FLOPs per step"):
         assert part in out
+    assert "(no pipeline: every layer)" in out
+
+
+def test_time_per_run_is_train_flops_over_the_named_throughput(capsys):
+    args = plan_for("--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048 "
+                    "--train-iters 50000 --global-batch-size 512", world_size=8)
+    p = dry_run.plan(args)
+    seconds = args.train_iters * p["flops_per_step"] / (args.world_size * 989e12 * 0.40)
+    assert dry_run.days_per_run(args, p["flops_per_step"]) == pytest.approx(seconds / 86400, rel=1e-12)
+    dry_run.run_dry_run(args)
+    line = re.search(r"^time per run: (\S+) days for (\d+) steps .*assuming 40% MFU of an H100's 989 .*$",
+                     capsys.readouterr().out, re.M)
+    assert line and int(line.group(2)) == args.train_iters
+    assert seconds / 86400 > 1 and line.group(1) == f"{seconds / 86400:.1f}"
 
 
 def test_does_not_fit_fails_with_one_line(capsys):
