@@ -5,6 +5,7 @@ setup(
     name="megatron-patch",
     version="0.1.0",
     description="Loss-spike stabilization (Spike No More, WeSaR) for megatron-core GPT pre-training",
+    license="Apache-2.0",  # as megatron-core
     packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
     # megatron-core 0.16.1 supports 3.10-3.12 (NGC images ship 3.12); CI and the CPU path use 3.11.
     python_requires=">=3.10,<3.13",
