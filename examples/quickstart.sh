@@ -13,6 +13,11 @@
 # [SNM]'s small init sqrt(2/(5d)) at d 128, 8 layers, AdamW beta2 0.999, clip 1.0.
 # Environment overrides: ITERS (default 300), LR (3e-3), OUT (runs/quickstart), DATA (data/quickstart).
 set -euo pipefail
+case "${1:-}" in
+    "") ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "quickstart.sh: takes no arguments, only the environment overrides above (see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh dev
 py=.venv/bin/python
