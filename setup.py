@@ -7,11 +7,12 @@ setup(
     description="Loss-spike stabilization (Spike No More, WeSaR) for megatron-core GPT pre-training",
     license="Apache-2.0",  # as megatron-core
     packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
-    # megatron-core 0.16.1 supports 3.10-3.12 (NGC images ship 3.12); CI and the CPU path use 3.11.
+    # Tested on Python 3.11 (megatron-core 0.16.1) and 3.12 (newest 0.19.x; NGC images ship 3.12).
     python_requires=">=3.10,<3.13",
     install_requires=[
-        # 0.16.1 is the newest megatron-core that installs on Python 3.11 (0.17+ needs 3.12).
-        "megatron-core==0.16.1",
+        # Tested range: pip resolves it to 0.16.1 on Python 3.11 (0.17 onwards needs 3.12) and to
+        # the newest 0.19.x on 3.12. What differs between them: megatron_patch/upstream.py.
+        "megatron-core>=0.16.1,<0.20",
         # Any torch 2.x satisfies this, including the on-disk 2.13.0 CPU wheel: nothing new is pulled.
         "torch>=2.4,<3",
         "numpy",

@@ -6,3 +6,7 @@ Every option defaults to upstream behaviour.
 """
 
 __version__ = "0.1.0"
+
+from .compat import cuda_build_notice as _cuda_build_notice
+
+_cuda_build_notice.install()  # before megatron-core or DeepSpeed import torch.utils.cpp_extension

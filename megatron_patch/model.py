@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from . import capabilities
+from . import capabilities, upstream
 from .config import StabilityConfig, StabilityConfigError
 from .embedding import attach_embedding_stabilizer
 from .norm import local_norm_class, upstream_local_norm_class
@@ -38,7 +38,7 @@ from .z_loss import attach_z_loss
 def _gate_linears(layer, config: StabilityConfig) -> None:
     """Replace the four linears of a layer spec with their WeSaR-gated subclasses (in place)."""
     stds = target_stds(config)
-    attention, mlp = layer.self_attention.submodules, layer.mlp.submodules
+    attention, mlp = layer.self_attention.submodules, upstream.mlp_submodules(layer.mlp)
     for owner, slot, key, mode in ((attention, "linear_qkv", "qkv", "column"),
                                    (attention, "linear_proj", "proj", "row"),
                                    (mlp, "linear_fc1", "fc1", "column"),

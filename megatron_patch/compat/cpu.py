@@ -1,4 +1,4 @@
-"""Run unmodified megatron-core 0.16.1 on CPU (gloo), the same code path as on GPU.
+"""Run unmodified megatron-core (0.16.1 .. 0.19.x) on CPU (gloo), the same code path as on GPU.
 
 megatron-core assumes CUDA in a handful of places. This module is the single place where we
 answer those places on a machine without CUDA. It does nothing unless `enable()` is called, and
@@ -13,6 +13,11 @@ What asks for CUDA, and the answer given here (paths relative to `megatron/core/
 3. Factory calls with `device="cuda"` (schedules' `total_num_tokens`, optimizer scalars, clip
    grads), `Tensor.cuda()`, `Tensor.to("cuda")` and the `Tensor.type()` string checks in the
    optimizer: handled by `CudaToCpuMode`, a torch function mode that stays entered.
+4. `torch.cuda.current_stream()`: 0.17 onwards call it in `distributed/param_and_grad_buffer.py`
+   `start_grad_sync` on every gradient sync (to wait for CUDA-graph weight-gradient events), which
+   dies with "Found no NVIDIA driver" on CPU. Answered with `CpuStream`, whose waits are no-ops: CPU
+   work runs in program order, so there is nothing to wait for.
+Differences between megatron-core releases that are not CPU-specific: megatron_patch/upstream.py.
 """
 
 import contextlib
@@ -52,6 +57,22 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(orig)
+
+
+class CpuStream:
+    """What `torch.cuda.current_stream()` answers on CPU: one in-order stream, so waits are no-ops."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = CpuStream()
 
 
 def _is_cuda(device) -> bool:
@@ -102,6 +123,7 @@ def enable() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

@@ -1,4 +1,4 @@
-"""Checkpoint fixes for megatron-core 0.16.1's optimizers, mostly its DistributedOptimizer over
+"""Checkpoint fixes for megatron-core's optimizers (0.16.1 .. 0.19.x), mostly its DistributedOptimizer over
 torch's Adam/AdamW.
 
 0. Any optimizer that has not stepped yet has no state, so its checkpoint lacks the moments a
@@ -31,18 +31,27 @@ Upstream (`optimizer/distrib_optimizer.py`) mishandles that `step` and the fp32 
    Variable ... in-place operation".  -> `load_state_dict()` runs under `torch.no_grad()`.
 The functions leave other optimizers alone (megatron-core's regular optimizers restore `step`
 with a per-parameter deepcopy; TE/apex Adam keep it in the param groups).
+
+4. Any megatron-core optimizer: every parameter group carries the schedule values the
+   OptimizerParamScheduler reads from it (`max_lr`, `min_lr`, `start_wd`, `end_wd`), and loading
+   puts the saved groups in place of the current ones. Under 0.16.1 a resume with another --lr
+   and --override-opt_param-scheduler therefore silently kept the checkpoint's lr; 0.19 matches
+   saved groups to current ones by those values too (upstream.py) and refuses the resume with
+   "Could not find parameter group with key ...". -> `load_state_dict()` first gives the saved
+   groups the values the scheduler will use: this run's, or the checkpoint's under
+   --use-checkpoint-opt_param-scheduler (then set on the current groups too, so they match).
+   Without either flag a changed schedule is refused by the scheduler's own load, after this.
 """
 
 import contextlib
 
 import torch
 
+from megatron_patch import upstream
 
-def _torch_adams(optimizer, state_dict=None, distributed=True):
-    """(megatron optimizer over torch Adam/AdamW, its part of `state_dict`) pairs: the
-    DistributedOptimizers (distributed=True) or the others."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+def _chained_parts(optimizer, state_dict=None):
+    """(megatron optimizer, its part of `state_dict`) for each optimizer of a ChainedOptimizer."""
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     if state_dict is None or len(chained) == 1:
         parts = [state_dict] * len(chained)
@@ -50,7 +59,15 @@ def _torch_adams(optimizer, state_dict=None, distributed=True):
         parts = [v for _, v in sorted(state_dict.items())]
     else:
         parts = list(state_dict)
-    return [(opt, part) for opt, part in zip(chained, parts)
+    return list(zip(chained, parts))
+
+
+def _torch_adams(optimizer, state_dict=None, distributed=True):
+    """(megatron optimizer over torch Adam/AdamW, its part of `state_dict`) pairs: the
+    DistributedOptimizers (distributed=True) or the others."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [(opt, part) for opt, part in _chained_parts(optimizer, state_dict)
             if isinstance(opt, DistributedOptimizer) == distributed
             and isinstance(getattr(opt, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
 
@@ -132,8 +149,46 @@ def _step_tolerant_state_setter(optimizer):
             del opt._set_main_param_and_optimizer_states
 
 
-def load_state_dict(optimizer, state_dict) -> None:
-    """`optimizer.load_state_dict(state_dict)` with faults 0, 1b, 2 and 3 fixed (any megatron-core optimizer)."""
+def _saved_param_groups(part):
+    if not isinstance(part, dict):
+        return None
+    inner = part.get("optimizer", part.get("optimizer_state_dict", part))
+    return inner.get("param_groups") if isinstance(inner, dict) else None
+
+
+def _group_identity(group) -> tuple:
+    """How upstream tells parameter groups apart, less the schedule values (fault 4)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    keys = [k for k in param_group_identifier_keys if k not in upstream.SCHEDULE_GROUP_KEYS]
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys)
+
+
+def _align_schedule_values(optimizer, state_dict, keep_saved: bool) -> None:
+    """Fault 4: saved and current parameter groups agree on the schedule values the scheduler will use."""
+    for opt, part in _chained_parts(optimizer, state_dict):
+        saved, inner = _saved_param_groups(part), getattr(opt, "optimizer", None)
+        if not saved or inner is None:
+            continue
+        current = {}
+        for group in inner.param_groups:
+            current.setdefault(_group_identity(group), []).append(group)
+        for group in saved:
+            match = current.get(_group_identity(group), [])
+            if len(match) != 1:  # none or ambiguous: leave it to upstream's own matching
+                continue
+            for key in upstream.SCHEDULE_GROUP_KEYS:
+                if key in group and key in match[0]:
+                    if keep_saved:
+                        match[0][key] = group[key]
+                    else:
+                        group[key] = match[0][key]
+
+
+def load_state_dict(optimizer, state_dict, keep_saved_schedule: bool = False) -> None:
+    """`optimizer.load_state_dict(state_dict)` with faults 0, 1b, 2, 3 and 4 fixed (any megatron-core
+    optimizer). `keep_saved_schedule`: --use-checkpoint-opt_param-scheduler (fault 4)."""
+    _align_schedule_values(optimizer, state_dict, keep_saved_schedule)
     _restore_zero_step(optimizer, state_dict)
     steps = [(adam, _saved_step(part)) for adam, part in _distributed_torch_adams(optimizer, state_dict)]
     with torch.no_grad(), _step_tolerant_state_setter(optimizer):

@@ -144,7 +144,7 @@ def import_from_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> dict:
 
     if not os.path.isdir(hf_dir):
         raise ExportError(f"--load {hf_dir}: no such directory (a Hugging Face model directory with config.json)")
-    if os.path.isfile(os.path.join(hf_dir, checkpointing.TRACKER)) or os.path.isfile(os.path.join(hf_dir, "common.pt")):
+    if os.path.isfile(os.path.join(hf_dir, checkpointing.TRACKER)) or checkpointing.is_iteration_dir(hf_dir):
         raise ExportError(f"--load {hf_dir} is a trainer checkpoint, not a Hugging Face directory; export it "
                           "with --to hf, or resume it with pretrain_gpt.py --load")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):

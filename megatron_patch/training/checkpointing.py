@@ -19,6 +19,8 @@ import signal
 
 import torch
 
+from megatron_patch import upstream
+
 from . import checkpoint_keys, rng_state
 from .errors import SetupError
 from .model_builder import activation_name, model_flag_differences, unwrap
@@ -136,6 +138,7 @@ def save_checkpoint(ctx, state) -> str:
         layout=_layout(), vocab_size=ctx.vocab_size, padded_vocab_size=ctx.padded_vocab_size,
         activation=activation_name(_config_of(ctx)),
         use_distributed_optimizer=args.use_distributed_optimizer,
+        megatron_core_version=str(upstream.VERSION),
         has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
@@ -245,26 +248,36 @@ def find_checkpoint(args):
     return path, iteration
 
 
-def read_common_state(path: str, if_deepspeed: str) -> dict:
-    """The common state (common.pt) of the megatron-core checkpoint at `path`; SetupError naming
-    the problem if it is a DeepSpeed checkpoint (`if_deepspeed`: what to do instead), unreadable,
-    or not written by this trainer."""
-    from megatron.core import dist_checkpointing
+def is_iteration_dir(path: str) -> bool:
+    """Whether `path` is one megatron-core (torch_dist) checkpoint: its .metadata, or a common.pt."""
+    return os.path.isfile(os.path.join(path, ".metadata")) or \
+        os.path.isfile(os.path.join(path, upstream.COMMON_STATE_FILE))
 
+
+def read_common_state(path: str, if_deepspeed: str) -> dict:
+    """The common state of the megatron-core checkpoint at `path`, whichever way the release that
+    wrote it stores it (upstream.py); SetupError naming the problem if it is a DeepSpeed checkpoint
+    (`if_deepspeed`: what to do instead), unreadable, not written by this trainer, or written by a
+    megatron-core release whose checkpoints this one cannot load."""
     if os.path.isfile(os.path.join(path, DEEPSPEED_METADATA)):  # see megatron_patch/deepspeed
         raise SetupError(f"{path} is a DeepSpeed checkpoint; {if_deepspeed}")
     try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise SetupError(f"unreadable checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+        common = upstream.load_common_state(path)
+    except upstream.LOAD_ERRORS as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise SetupError(f"unreadable checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
         raise SetupError(f"{path} is not a checkpoint written by megatron_patch's trainer")
+    if not upstream.can_load_checkpoint_from(upstream.common_state_location(path)):
+        written = common.get("megatron_core_version", "0.19 or newer")
+        raise SetupError(f"checkpoint {path} was written by megatron-core {written}, which keeps its common state "
+                         f"inside the torch_dist files; megatron-core {upstream.VERSION} (installed) cannot load it: "
+                         "resume, evaluate or export it under megatron-core 0.19.x (Python 3.12)")
     return common
 
 
 def read_checkpoint_header(args, vocab_size, padded_vocab_size):
     """(path, common state) of the checkpoint --load resumes from, checked against this run; or
-    None. Cheap (reads the tracker and common.pt): done before datasets and model are built."""
+    None. Cheap (reads the tracker and the common state): done before datasets and model are built."""
     found = find_checkpoint(args)
     if found is None:
         return None
@@ -314,18 +327,17 @@ def load_checkpoint(ctx, state, header) -> bool:
               flush=True)
 
     sd = _sharded_state_dict(ctx, load_optim, load_rng, True, metadata)
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
     try:
         loaded, notes = checkpoint_keys.load_sharded(sd, path, _load_strategy(args, path))
         for i, chunk in enumerate(ctx.model):
             notes += checkpoint_keys.load_module_state(unwrap(chunk), loaded[f"model{i}"])
         if load_optim:
-            dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"])
+            dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"],
+                                     keep_saved_schedule=args.use_checkpoint_opt_param_scheduler)
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     except SetupError:
         raise
-    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+    except upstream.LOAD_ERRORS as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         if isinstance(exc, AssertionError) and "OptimizerParamScheduler" in str(exc):
@@ -361,7 +373,7 @@ def describe_load_failure(exc) -> str:
             return f"rank {rank}: a tensor file (.distcp) ended early: truncated (EOFError)"
         return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     if type(exc).__name__ in ("UnpicklingError", "EOFError"):
-        return f"its .metadata or common.pt is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"
+        return f"its .metadata or common state is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"
     return f"{type(exc).__name__}: {_first_line(exc)}"
 
 

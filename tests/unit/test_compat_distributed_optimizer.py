@@ -42,7 +42,7 @@ def test_upstream_alone_resets_the_step(saved, monkeypatch):
     """Documents the upstream fault; if this starts failing, upstream fixed it and the shim can go."""
     argv, root, _ = saved
 
-    def upstream_load(optimizer, state_dict):
+    def upstream_load(optimizer, state_dict, keep_saved_schedule=False):
         with torch.no_grad():
             optimizer.load_state_dict(state_dict)
 

@@ -116,7 +116,7 @@ def test_a_changed_schedule_on_resume_says_how_to_proceed(corpus, saved, capsys)
 
 
 @pytest.mark.parametrize("damage, named", [
-    ("metadata", "its .metadata or common.pt is truncated or corrupt"),
+    ("metadata", "its .metadata or common state is truncated or corrupt"),
     ("distcp", "a tensor file (.distcp) ended early: truncated"),
 ])
 def test_a_damaged_checkpoint_is_named_with_the_earlier_ones(corpus, tmp_path, capsys, damage, named):

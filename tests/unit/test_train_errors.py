@@ -69,8 +69,10 @@ def test_unreadable_checkpoint_overwrites_nothing(tmp_path, capsys, saved, damag
     elif damage == "truncated_shards":
         for shard in it.glob("*.distcp"):
             shard.write_bytes(shard.read_bytes()[:100])
-    else:
+    elif (it / "common.pt").exists():  # megatron-core 0.16-0.18 keep the common state there
         (it / "common.pt").write_bytes(b"not a torch file")
+    else:  # 0.19 onwards: inside the torch_dist files, read through .metadata
+        (it / ".metadata").write_bytes(b"not a torch file")
     before = snapshot(root)
     line = one_error_line(capsys, tiny_args("--train-iters", 4, "--load", root, "--save", root,
                                             "--save-interval", 1, mock=True))
