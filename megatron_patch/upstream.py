@@ -59,7 +59,8 @@ def load_common_state(path: str) -> dict:
     release that wrote it; the sharded part of such a checkpoint does not load there."""
     from megatron.core import dist_checkpointing
 
-    if COMMON_STATE_IN_TORCH_DIST or common_state_location(path) == "common.pt":
+    if COMMON_STATE_IN_TORCH_DIST or common_state_location(path) == "common.pt" \
+            or not os.path.isfile(os.path.join(path, ".metadata")):  # not a checkpoint: upstream says so
         return dist_checkpointing.load_common_state_dict(path)
     import io
 
