@@ -12,7 +12,7 @@
 #   --master-addr HOST  MASTER_ADDR    rendezvous host, multi-node only (default localhost)
 #   --master-port PORT  MASTER_PORT    rendezvous port, multi-node only (default 29500)
 #   --rdzv-id ID        RDZV_ID        run id shared by the nodes (default SLURM_JOB_ID, else megatron_patch)
-#   --python PY         PYTHON         interpreter with megatron_patch installed (default python3)
+#   --python PY         PYTHON         interpreter with megatron_patch installed (default .venv/bin/python, else python3)
 # One node uses torchrun --standalone (a free local port), so several runs can share a machine.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +23,9 @@ nnodes="${NNODES:-1}"
 master_addr="${MASTER_ADDR:-localhost}"
 master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-megatron_patch}}"
-python="${PYTHON:-python3}"
+# shellcheck source=tools/find_python.sh
+source "$root/tools/find_python.sh"
+python="$(find_python "$root")"
 while [ $# -gt 0 ]; do
     case "$1" in
         --nproc-per-node) nproc="${2:?}"; shift 2 ;;

@@ -18,7 +18,7 @@
 # Environment (as torchrun/Slurm set it):
 #   NNODES (SLURM_NNODES, else 1), GPUS_PER_NODE (SLURM_GPUS_ON_NODE, else nvidia-smi's count,
 #   else 8 for --dry-run), MASTER_ADDR, MASTER_PORT, RDZV_ID (multi-node rendezvous, see
-#   examples/torchrun_pretrain.sh), GPU_MEMORY_GB (80), PYTHON (python3),
+#   examples/torchrun_pretrain.sh), GPU_MEMORY_GB (80), PYTHON (default .venv/bin/python, else python3),
 #   DATA_PATH (prefix of the GPT-2-BPE-tokenized C4 .bin/.idx; "mock" = random tokens, a smoke
 #   test of the cluster), VOCAB_FILE, MERGE_FILE (GPT-2's).
 set -euo pipefail
@@ -84,7 +84,9 @@ if [ -z "$gpus" ] || [ "$gpus" = 0 ]; then
     gpus=8
     echo "pretrain.sh: planning for 8 GPUs per node (set GPUS_PER_NODE)" >&2
 fi
-python="${PYTHON:-python3}"
+# shellcheck source=tools/find_python.sh
+source "$root/tools/find_python.sh"
+python="$(find_python "$root")"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 # The layout: chosen by the planner unless given after --.
