@@ -6,6 +6,7 @@ exactly where it stopped.
 """
 
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,24 +82,40 @@ def parse_split(split: str):
     return weights + [0.0] * (3 - len(weights))
 
 
+def _check_blend_weights(flag, blend) -> None:
+    """'W1 P1 W2 P2 ...': every weight finite and > 0 (megatron-core's BlendedDataset asserts on
+    a 0, and blends NaN); a list of prefixes alone (odd length or no numbers) is equal weights."""
+    if len(blend) < 2 or len(blend) % 2:
+        return
+    try:
+        weights = [float(w) for w in blend[0::2]]
+    except ValueError:
+        return  # prefixes alone: megatron-core's parser names a malformed mix
+    for w, prefix in zip(weights, blend[1::2]):
+        if w < 0:
+            raise SetupError(f"{flag}: blend weight {w:g} is negative; weights must be > 0")
+        if not math.isfinite(w):
+            raise SetupError(f"{flag}: blend weight {w:g} is not a finite number; weights must be > 0")
+        if w == 0:
+            raise SetupError(f"{flag}: blend weight 0 for {prefix}; weights must be > 0 (leave a dataset "
+                             "you do not want out of the blend)")
+
+
 def validate_data_args(args) -> None:
     """Cheap checks on flags and files, before any process group or model exists."""
     if args.num_workers < 0:
         raise SetupError(f"--num-workers {args.num_workers}: must be >= 0 (0 loads batches in the trainer)")
     for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
-        weights = (getattr(args, flag) or [])[0::2] if len(getattr(args, flag) or []) > 1 else []
-        for w in weights:
-            try:
-                bad = float(w) < 0
-            except ValueError:
-                bad = False  # a path: megatron-core's parser names the problem
-            if bad:
-                raise SetupError(f"--{flag.replace('_', '-')}: blend weight {w} is negative; weights must be >= 0")
+        _check_blend_weights(f"--{flag.replace('_', '-')}", getattr(args, flag) or [])
     per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
     split = parse_split(args.split)
     if (args.data_path or args.mock_data) and split[1] == 0 and args.eval_iters > 0:
         raise SetupError(f"--split {args.split} leaves no validation data, but --eval-iters {args.eval_iters} "
                          "asks for it: give the split a validation part, or pass --eval-iters 0")
+    if any(per_split) and not args.valid_data_path and args.eval_iters > 0:
+        raise SetupError(f"--eval-iters {args.eval_iters} asks for validation data, but only "
+                         f"{', '.join('--' + n + '-data-path' for n, p in zip(('train', 'valid', 'test'), per_split) if p)}"
+                         " is given: add --valid-data-path, or pass --eval-iters 0")
     if args.mock_data and (args.data_path or any(per_split)):
         raise SetupError("--mock-data and --data-path are exclusive")
     if args.data_path and any(per_split):
@@ -299,7 +316,9 @@ class MicroBatchIterator:
     def _read(self, first):
         n = len(self.dataset)
         samples = [self.dataset[(first + j) % n] for j in range(self.mbs)]
-        return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        # A blend's samples carry the numpy integer "dataset_id" (megatron-core's BlendedDataset)
+        # beside the tensors: as_tensor makes it a batch of ids like the other fields.
+        return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
 
     def _take_start(self):
         first = self.next_start + self.dp_rank * self.mbs

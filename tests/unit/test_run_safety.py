@@ -92,10 +92,20 @@ def test_settings_that_make_no_sense_are_refused(corpus, capsys, extra, named):
     assert named in one_error_line(capsys, tiny_args("--train-iters", 3, *extra, data=corpus))
 
 
-def test_negative_blend_weights_are_refused(corpus, capsys):
+@pytest.mark.parametrize("weight, named", [("-0.5", "blend weight -0.5 is negative"),
+                                           ("0", "blend weight 0 for "), ("nan", "blend weight nan is not a finite"),
+                                           ("inf", "blend weight inf is not a finite")])
+def test_bad_blend_weights_are_refused(corpus, capsys, weight, named):
     argv = tiny_args("--train-iters", 3, data=corpus)
-    argv[argv.index("--data-path") + 1:argv.index("--data-path") + 2] = ["0.5", str(corpus), "-0.5", str(corpus)]
-    assert "blend weight -0.5 is negative" in one_error_line(capsys, argv)
+    argv[argv.index("--data-path") + 1:argv.index("--data-path") + 2] = ["0.5", str(corpus), weight, str(corpus)]
+    assert named in one_error_line(capsys, argv)
+
+
+def test_per_split_paths_without_validation_data_are_refused_when_evaluating(corpus, capsys):
+    argv = [a for a in tiny_args("--train-iters", 3, "--eval-iters", 2, data=corpus)]
+    i = argv.index("--data-path")
+    argv[i:i + 4] = ["--train-data-path", str(corpus)]
+    assert "--eval-iters 2 asks for validation data, but only --train-data-path is given" in one_error_line(capsys, argv)
 
 
 def test_exit_signal_handler_without_save_is_warned(corpus, capsys):
