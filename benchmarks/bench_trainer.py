@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore")
 
 from megatron_patch.training import initialize  # noqa: E402
 from megatron_patch.training.arguments import parse_and_validate  # noqa: E402
+from megatron_patch.training.callbacks import Callback  # noqa: E402
 from megatron_patch.training.logging import training_flops_per_token  # noqa: E402
 from megatron_patch.training.loop import _forward_backward  # noqa: E402
 from megatron_patch.training.pretrain import build, run  # noqa: E402
@@ -36,7 +37,7 @@ def model_argv(quick, iters):
         "--log-interval", iters)]
 
 
-class StepClock:
+class StepClock(Callback):
     def on_train_start(self, state):
         self.marks = [time.perf_counter()]
 

@@ -32,6 +32,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from megatron_patch.training.callbacks import Callback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +135,7 @@ class Diverged(Exception):
     pass
 
 
-class Recorder:
+class Recorder(Callback):
     """Keeps the loss curve and the validation loss; stops a run whose loss stays non-finite."""
 
     def __init__(self, patience=10):

@@ -28,6 +28,7 @@ from collections import deque
 import torch
 
 from .activation_stats import ActivationStats
+from ..training.callbacks import Callback
 from .grad_stats import key_name, named_parameter_groups, squared_norms, unwrap
 from .spike_detector import SpikeDetector, SpikeEvent
 from .update_stats import adam_update_norm, step_lrs
@@ -89,7 +90,7 @@ def validate_monitor_args(args, fail) -> None:
         fail("--spike-signal update_norm reads Adam's moments; it needs --optimizer adam")
 
 
-class StabilityMonitor:
+class StabilityMonitor(Callback):
     def __init__(self, args, logger=None):
         self.args, self.logger = args, logger
         self.interval = args.monitor_interval

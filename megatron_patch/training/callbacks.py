@@ -1,6 +1,6 @@
 """Per-step hooks of the training loop (e.g. a stability monitor that may veto an update).
 
-A callback is any object with some of these methods; missing ones are skipped:
+A callback subclasses `Callback` and overrides the hooks it needs (the others do nothing):
 
     on_train_start(state)                  once, after the checkpoint (if any) is loaded
     on_step_start(state)                   before the forward/backward of iteration state.iteration
@@ -22,14 +22,31 @@ stage; skip votes are combined with a max over all ranks, so one "skip" skips ev
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Protocol, runtime_checkable
+from typing import Any, List, Optional
 
 import torch
 
 
-@runtime_checkable
-class Callback(Protocol):
-    def on_step_end(self, state: "StepState") -> None: ...
+class Callback:
+    """The training loop's hooks, each a no-op here (see the module docstring for when each runs)."""
+
+    def on_train_start(self, state: "StepState") -> None:
+        pass
+
+    def on_step_start(self, state: "StepState") -> None:
+        pass
+
+    def on_before_optimizer_step(self, state: "StepState") -> Optional[bool]:
+        return None
+
+    def on_step_end(self, state: "StepState") -> None:
+        pass
+
+    def on_eval_end(self, state: "StepState", metrics: dict) -> None:
+        pass
+
+    def on_train_end(self, state: "StepState") -> None:
+        pass
 
 
 @dataclass
@@ -67,12 +84,15 @@ class CallbackList:
 
     def __init__(self, callbacks=()):
         self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"{type(cb).__name__} is not a megatron_patch.training.callbacks.Callback")
 
     def __bool__(self):
         return bool(self.callbacks)
 
     def _call(self, hook, *a):
-        return [getattr(cb, hook)(*a) for cb in self.callbacks if hasattr(cb, hook)]
+        return [getattr(cb, hook)(*a) for cb in self.callbacks]
 
     def on_train_start(self, state):
         self._call("on_train_start", state)

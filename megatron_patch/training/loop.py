@@ -4,12 +4,12 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from .callbacks import CallbackList, StepState
-from .errors import SetupError
+from .errors import SetupError, TrainingDiverged
 from .model_builder import unwrap
 
 
@@ -81,8 +81,27 @@ class TrainState:
     consumed_valid_samples: int = 0
 
 
+HISTORY_WINDOW = 10_000  # iterations kept in TrainContext.history
+
+
+class BoundedHistory(list):
+    """The last `maxlen` per-iteration records (a list: it slices and serialises as one), so a long
+    run does not keep one dict per iteration for its whole length."""
+
+    def __init__(self, maxlen: int = HISTORY_WINDOW):
+        super().__init__()
+        self.maxlen = maxlen
+
+    def append(self, record: dict) -> None:
+        super().append(record)
+        if len(self) > self.maxlen:
+            del self[: len(self) - self.maxlen]
+
+
 @dataclass
 class TrainContext:
+    """Everything one run holds; the trainer and its helpers set only the fields declared here."""
+
     args: Any
     model: List[Any]
     optimizer: Any
@@ -93,8 +112,15 @@ class TrainContext:
     padded_vocab_size: int
     logger: Any = None
     callbacks: CallbackList = field(default_factory=CallbackList)
-    history: List[dict] = field(default_factory=list)  # per-iteration losses (for tests/benchmarks)
+    history: BoundedHistory = field(default_factory=BoundedHistory)  # the last HISTORY_WINDOW iterations
     resumed: bool = False  # loaded a checkpoint
+    datasets: Any = None  # (train, valid, test) as built: a rollback rebuilds the train iterators from them
+    train_iterators: Optional[List[Any]] = None  # replaced by a rollback
+    z_loss: Optional[float] = None  # this step's z-loss (None with --z-loss-coeff 0)
+    lr_scale: Tuple[float, int] = (1.0, 0)  # (factor, until iteration): a post-rollback lr cool-down
+    rollbacks: List[Tuple[int, int]] = field(default_factory=list)  # (spiked iteration, reloaded iteration)
+    stop_reason: Optional[str] = None  # why train() returned: done, exit signal, time, ...
+    state: Optional[TrainState] = None  # the final TrainState, after train() returns
 
 
 def loss_func(loss_mask, output_tensor, model=None):
@@ -203,13 +229,12 @@ def train_step(ctx, state, iterators):
         reports = _forward_backward(ctx, iterators, forward_only=False)
         loss = _reduce_loss(reports)
         ctx.z_loss = _reduce_loss(reports, "z loss")  # None with the z-loss off
-    except RuntimeError as exc:  # megatron-core's NaN check (check_for_nan_in_grad) while reducing
-        if "Unexpected result" not in str(exc):
+    except RuntimeError:  # megatron-core's NaN check (check_for_nan_in_grad) stops the reduction ...
+        if not _gradients_non_finite(ctx):  # ... which our own check confirms; anything else propagates
             raise
-        detail = str(exc).split("Unexpected result", 1)[1].strip()
-        raise TrainingDiverged(f"iteration {state.iteration + 1}: megatron-core found non-finite gradients "
-                               f"(result {detail}); the run has diverged; lower --lr, keep --clip-grad on, or "
-                               "let --spike-policy skip such steps") from None
+        raise TrainingDiverged(f"iteration {state.iteration + 1}: megatron-core found non-finite gradients; "
+                               "the run has diverged; lower --lr, keep --clip-grad on, or let --spike-policy "
+                               "skip such steps") from None
     skip = False
     if ctx.callbacks:
         loss = _loss_on_all_ranks(loss, ctx.runtime.device)
@@ -225,9 +250,18 @@ def train_step(ctx, state, iterators):
     return loss, grad_norm, None
 
 
+def _gradients_non_finite(ctx) -> bool:
+    """Whether this rank's gradient buffers hold a NaN or Inf (megatron-core DDP's grad buffers)."""
+    for chunk in ctx.model:
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+            if not torch.isfinite(buffer.grad_data).all():
+                return True
+    return False
+
+
 def apply_lr_scale(ctx, iteration) -> None:
     """Scale the lr the scheduler just set while a post-rollback cool-down is on."""
-    factor, until = getattr(ctx, "lr_scale", (1.0, 0))
+    factor, until = ctx.lr_scale
     if factor != 1.0 and iteration < until:
         for group in ctx.optimizer.param_groups:
             group["lr"] *= factor
@@ -244,10 +278,6 @@ def evaluate(ctx, iterators, num_batches) -> Optional[float]:
     for chunk in ctx.model:
         chunk.train()
     return _reduce_loss(results)
-
-
-class TrainingDiverged(SetupError):
-    """Too many updates in a row were skipped: stop with one line, exit 1, save nothing."""
 
 
 def _diverged_message(state, reasons, loss, last_saved) -> str:
@@ -315,9 +345,9 @@ def train(ctx, state, iterators, valid_iterators, test_iterators, save_fn, signa
         grad_norm = None if grad_norm is None else float(grad_norm)
         ctx.history.append({"iteration": state.iteration, "loss": loss, "grad_norm": grad_norm,
                             "lr": lr, "loss_scale": loss_scale, "skipped": skipped, "skip_reason": skip_reason,
-                            "z_loss": getattr(ctx, "z_loss", None)})
+                            "z_loss": ctx.z_loss})
         log.log_iteration(state.iteration, state.consumed_train_samples, loss, lr, loss_scale,
-                          grad_norm, skip_reason, step_time, z_loss=getattr(ctx, "z_loss", None))
+                          grad_norm, skip_reason, step_time, z_loss=ctx.z_loss)
         limit = args.max_consecutive_skipped_iterations
         skipped_in_a_row = skipped_in_a_row + [skip_reason] if skipped and limit else []
         if limit and len(skipped_in_a_row) >= limit:

@@ -5,7 +5,7 @@ import sys
 
 from .arguments import parse_and_validate
 from .callbacks import CallbackList
-from .errors import SetupError
+from .errors import SetupError, TrainingDiverged
 
 
 def _is_rank0() -> bool:
@@ -137,7 +137,7 @@ def main(argv=None, callbacks=None) -> int:
         return dry_run_main(argv)
     try:
         run(argv, callbacks)
-    except SetupError as exc:
+    except (SetupError, TrainingDiverged) as exc:
         if _is_rank0():
             print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
         return 1

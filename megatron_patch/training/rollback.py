@@ -48,7 +48,7 @@ def make_rollback_fn(ctx, datasets, ckpt=checkpointing):
             from .loop import apply_lr_scale
 
             apply_lr_scale(ctx, state.iteration + 1)
-        ctx.rollbacks = getattr(ctx, "rollbacks", []) + [(spiked_iteration, state.iteration)]
+        ctx.rollbacks.append((spiked_iteration, state.iteration))
         ctx.logger.print(f" > rollback after iteration {spiked_iteration} to the checkpoint of iteration "
                          f"{state.iteration}" + (" (skipping the data in between)" if request.get("skip_data") else ""))
         for it in ctx.train_iterators or []:

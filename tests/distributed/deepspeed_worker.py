@@ -17,6 +17,7 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
+from megatron_patch.training.callbacks import Callback  # noqa: E402
 from megatron_patch.training.errors import SetupError  # noqa: E402
 from megatron_patch.training.pretrain import run  # noqa: E402
 
@@ -25,12 +26,12 @@ class InjectedCrash(RuntimeError):
     pass
 
 
-class Veto:
+class Veto(Callback):
     def on_before_optimizer_step(self, state):
         return False
 
 
-class EvalRecorder:
+class EvalRecorder(Callback):
     def __init__(self):
         self.losses = []
 

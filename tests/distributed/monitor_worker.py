@@ -17,9 +17,10 @@ import json
 import sys
 
 import torch
+from megatron_patch.training.callbacks import Callback
 
 
-class FaultInjector:
+class FaultInjector(Callback):
     def __init__(self, case, steps):
         self.case, self.steps = case, set(steps)
         self.changed = {}  # iteration -> did the weights change in this step

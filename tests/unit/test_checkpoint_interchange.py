@@ -18,6 +18,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_patch import model as model_module
+from megatron_patch.training.callbacks import Callback
 from megatron_patch.training.errors import SetupError
 from tests.train_helpers import losses, make_corpus, run_inprocess, tiny_args
 
@@ -149,7 +150,7 @@ def test_rng_saved_on_another_device_is_reseeded(corpus, tmp_path, monkeypatch, 
 
     seen = {}
 
-    class Capture:
+    class Capture(Callback):
         def on_train_start(self, state):
             seen["loaded"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
             initialize.seed_device_rng(1234)

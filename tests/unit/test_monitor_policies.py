@@ -8,13 +8,14 @@ import math
 import pytest
 
 from megatron_patch.training.loop import SKIP_MONITOR, SKIP_OVERFLOW
+from megatron_patch.training.callbacks import Callback
 from megatron_patch.training.errors import SetupError
 from tests.train_helpers import make_corpus, one_error_line, run_inprocess, tiny_args
 
 MONITOR = ("--spike-policy", "skip", "--spike-min-history", 8, "--spike-window", 32)
 
 
-class Inject:
+class Inject(Callback):
     """Multiply every gradient by `factor` at `steps` (once each: a rollback replays them)."""
 
     def __init__(self, steps, factor):
@@ -96,7 +97,7 @@ def test_nan_validation_loss_prints_nan_perplexity(mcore, capsys):
     assert "lm loss value: NAN | lm loss PPL: NAN" in capsys.readouterr().out
 
 
-class UpdateProbe:
+class UpdateProbe(Callback):
     """The applied update of each step, measured from the weights themselves."""
 
     def __init__(self):

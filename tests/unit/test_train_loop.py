@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_patch.training.callbacks import Callback
 from tests.train_helpers import losses, make_corpus, run_inprocess, tiny_args
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_gpt_losses.json"
@@ -34,7 +35,7 @@ def trained(tmp_path_factory):
     return ctx, recorder
 
 
-class Recorder:
+class Recorder(Callback):
     def __init__(self):
         self.events = []
 
@@ -88,7 +89,7 @@ def test_callbacks_see_every_step_and_grad_norm_matches_optimizer(trained):
 
 
 def test_callback_can_skip_an_update(tmp_path):
-    class SkipSecond:
+    class SkipSecond(Callback):
         def on_before_optimizer_step(self, state):
             return state.iteration == 2
 
@@ -151,3 +152,26 @@ def regenerate_golden():
 
 if __name__ == "__main__" and "--regenerate-golden" in sys.argv:
     regenerate_golden()
+
+
+def test_history_keeps_a_bounded_window():
+    from megatron_patch.training.loop import BoundedHistory
+
+    history = BoundedHistory(maxlen=3)
+    for i in range(1, 6):
+        history.append({"iteration": i})
+    assert [h["iteration"] for h in history] == [3, 4, 5] and history[1:] == [{"iteration": 4}, {"iteration": 5}]
+
+
+def test_callbacks_subclass_the_base_and_divergence_is_not_a_setup_error():
+    from megatron_patch.training.callbacks import CallbackList
+    from megatron_patch.training.errors import SetupError, TrainingDiverged
+
+    class Duck:
+        def on_step_end(self, state):
+            pass
+
+    with pytest.raises(TypeError, match="Duck is not a megatron_patch.training.callbacks.Callback"):
+        CallbackList([Duck()])
+    assert CallbackList([Callback()]).on_before_optimizer_step(None) is False  # the base's hooks do nothing
+    assert not issubclass(TrainingDiverged, SetupError)
