@@ -21,7 +21,7 @@ import torch
 
 from megatron_patch import upstream
 
-from . import checkpoint_keys, rng_state
+from . import checkpoint_keys, optimizer, rng_state
 from .errors import SetupError
 from .model_builder import activation_name, model_flag_differences, unwrap
 
@@ -334,17 +334,13 @@ def load_checkpoint(ctx, state, header) -> bool:
         if load_optim:
             dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"],
                                      keep_saved_schedule=args.use_checkpoint_opt_param_scheduler)
+            _refuse_another_schedule(args, ctx.scheduler, loaded["opt_param_scheduler"], path)
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     except SetupError:
         raise
     except upstream.LOAD_ERRORS as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
-        if isinstance(exc, AssertionError) and "OptimizerParamScheduler" in str(exc):
-            raise SetupError(f"checkpoint {path}: this run's lr schedule differs from the checkpoint's "
-                             f"({_first_line(exc).removeprefix('OptimizerParamScheduler: ')}); resume with the "
-                             "checkpoint's --train-iters / --lr-decay-iters / --lr-warmup-iters / --lr, or pass "
-                             "--override-opt_param-scheduler to use this run's") from None
         raise SetupError(f"cannot load checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None
     if _rank0() and notes:
         print(checkpoint_keys.notice(path, notes), flush=True)
@@ -360,6 +356,18 @@ def load_checkpoint(ctx, state, header) -> bool:
         print(f" > loaded checkpoint {path} (iteration {common['iteration']}, "
               f"optimizer {'yes' if load_optim else 'no'}, rng {'yes' if load_rng else 'no'})", flush=True)
     return True
+
+
+def _refuse_another_schedule(args, scheduler, saved: dict, path) -> None:
+    """One line where megatron-core's scheduler would assert on a schedule value that changed."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    differ = optimizer.schedule_mismatches(scheduler, saved)
+    if differ:
+        named = ", ".join(f"{key} {ours} here, {theirs} in the checkpoint" for key, ours, theirs in differ)
+        raise SetupError(f"checkpoint {path}: this run's lr schedule differs from the checkpoint's ({named}); "
+                         "resume with the checkpoint's --train-iters / --lr-decay-iters / --lr-warmup-iters / "
+                         "--lr, or pass --override-opt_param-scheduler to use this run's")
 
 
 def describe_load_failure(exc) -> str:

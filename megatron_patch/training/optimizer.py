@@ -177,3 +177,16 @@ def build_scheduler(args, optimizer):
         wsd_decay_steps=(args.lr_wsd_decay_iters * gbs) if args.lr_wsd_decay_iters else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
+
+
+# What megatron-core's OptimizerParamScheduler.load_state_dict checks against the checkpoint (an
+# assert) unless --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler: the
+# scheduler's attribute and the state-dict key share these names in every supported release.
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                 "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
+
+
+def schedule_mismatches(scheduler, saved: dict) -> list:
+    """(key, this run's value, the checkpoint's value) for each schedule value that differs."""
+    return [(key, getattr(scheduler, key), saved[key]) for key in SCHEDULE_KEYS
+            if key in saved and hasattr(scheduler, key) and getattr(scheduler, key) != saved[key]]
