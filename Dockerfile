@@ -10,8 +10,10 @@
 # Build arguments:
 #   VARIANT      gpu (default) or cpu
 #   NGC_IMAGE    the NGC PyTorch tag (Python 3.12). Our choice, not checked here (no registry
-#                access): take one whose Transformer Engine is in 2.9-2.11, the range megatron-core
-#                0.16.1 is tested with (install.sh prints the versions).
+#                access). The image installs the newest megatron-core 0.19.x, whose release
+#                branch's CI pins Transformer Engine 2.17.1 (pyproject.toml: TE git 4329ff84); its
+#                `te` extra names no bound and its code gates features on TE >= 1.13 .. 2.14: take
+#                a tag with TE 2.17 (install.sh prints the versions).
 #   CPU_IMAGE    the CPU base (Python 3.11, like the development machines)
 #   BUILD_CHECK  1 (default): run docker/build_check.sh (CPU unit tests, a paper dry run) in the
 #                build; 0 to skip (then: docker run --rm IMAGE bash docker/build_check.sh)

@@ -2,10 +2,10 @@
 # Install megatron_patch in the image (the Dockerfile's RUN step; also runnable on a bare machine).
 #   bash docker/install.sh --variant gpu   # NGC PyTorch image: keep its torch, apex, Transformer Engine
 #   bash docker/install.sh --variant cpu   # plain Python 3.11: CPU torch + the package in VENV (/opt/venv)
-# gpu: NGC images pin their packages in /etc/pip/constraint.txt. megatron-core==0.16.1 is installed
+# gpu: NGC images pin their packages in /etc/pip/constraint.txt. megatron-core (newest 0.19.x) is installed
 # without dependencies and outside those pins (its own needs, torch>=2.6, numpy, packaging, are in
 # the image); our package without dependencies, then the two small ones it adds (sentencepiece, psutil).
-# NGC 25.xx images have Python 3.12, which megatron-core 0.16.1 and our setup.py both accept.
+# NGC 25.xx images have Python 3.12, which megatron-core 0.19 needs and our setup.py accepts.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 variant=""
@@ -21,7 +21,8 @@ case "$variant" in
     gpu)
         python="${PYTHON:-python3}"
         "$python" -c 'import torch; assert torch.version.cuda, "not a CUDA build of torch"'
-        PIP_CONSTRAINT="" pip_install --no-deps "megatron-core==0.16.1"
+        # The newest megatron-core the package supports (NGC images have Python 3.12).
+        PIP_CONSTRAINT="" pip_install --no-deps "megatron-core>=0.19.2,<0.20"
         pip_install "sentencepiece>=0.2" psutil pytest pytest-timeout
         pip_install --no-deps -e .
         ;;
@@ -32,13 +33,17 @@ case "$variant" in
         ;;
     *) echo "install.sh: --variant gpu or cpu" >&2; exit 2 ;;
 esac
-"$python" - <<'PY'
+VARIANT="$variant" "$python" - <<'PY'
 import importlib.metadata as md
+import os
 
 import megatron.core
 import torch
+from megatron_patch import upstream
 
-assert megatron.core.__version__ == "0.16.1", megatron.core.__version__
+# gpu: the newest 0.19.x (Python 3.12); cpu: 0.16.1, the newest on Python 3.11.
+want, te_tested = {"gpu": ("0.19", "2.17.1"), "cpu": ("0.16.1", "2.9-2.11")}[os.environ["VARIANT"]]
+assert f"{upstream.VERSION}.".startswith(f"{want}."), upstream.VERSION
 found = {}
 for name in ("transformer_engine", "apex"):
     try:
@@ -46,6 +51,6 @@ for name in ("transformer_engine", "apex"):
     except md.PackageNotFoundError:
         found[name] = "absent"
 print(f"megatron-core {megatron.core.__version__}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"Transformer Engine {found['transformer_engine']} (megatron-core 0.16.1 is tested with 2.9-2.11), "
+      f"Transformer Engine {found['transformer_engine']} (megatron-core {want} is tested with {te_tested}), "
       f"apex {found['apex']}")
 PY
