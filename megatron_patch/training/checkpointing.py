@@ -23,7 +23,7 @@ from megatron_patch import upstream
 
 from . import checkpoint_keys, optimizer, rng_state
 from .errors import SetupError
-from .model_builder import activation_name, model_flag_differences, unwrap
+from .model_builder import activation_name, model_flag_differences, padded_vocab_size_on_resume, unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -283,11 +283,13 @@ def read_checkpoint_header(args, vocab_size, padded_vocab_size):
         return None
     path, _ = found
     common = read_common_state(path, "resume it with --deepspeed and the same --deepspeed-config")
-    if common["vocab_size"] != vocab_size or common["padded_vocab_size"] != padded_vocab_size:
-        raise SetupError(
-            f"vocabulary mismatch: checkpoint {path} has vocab {common['vocab_size']} (padded "
-            f"{common['padded_vocab_size']}), this run {vocab_size} (padded {padded_vocab_size}); "
-            "use the same tokenizer and --make-vocab-size-divisible-by")
+    if common["vocab_size"] != vocab_size:
+        raise SetupError(f"vocabulary mismatch: checkpoint {path} has vocab {common['vocab_size']}, this run's "
+                         f"tokenizer {vocab_size}; use the tokenizer the checkpoint was trained with")
+    if common["padded_vocab_size"] != padded_vocab_size:  # another TP size (build() then uses the checkpoint's)
+        _, notice = padded_vocab_size_on_resume(common["padded_vocab_size"], vocab_size, args)
+        if notice and _rank0():
+            print(f" > {notice}", flush=True)
     differences = model_flag_differences(common["args"], args)
     if differences:
         raise SetupError(f"checkpoint {path} was trained with other model flags: {'; '.join(differences)}; "

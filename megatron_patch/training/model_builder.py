@@ -1,5 +1,7 @@
 """Model flags (Megatron-LM names) -> StabilityConfig -> GPTModel chunks wrapped in megatron-core DDP."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -147,6 +149,27 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
+
+
+def padded_vocab_size_on_resume(saved_padded: int, vocab_size: int, args):
+    """(padded size, notice or None) for a run resuming a checkpoint padded to `saved_padded`.
+
+    The padded size is a shape of the model, and Megatron-LM's padding depends on TP (a multiple
+    of --make-vocab-size-divisible-by x TP: 8,000 ids pad to 8,064 at TP 1, 8,192 at TP 2). The
+    embedding and output layer only need TP to divide it, so the checkpoint's size is kept at
+    every TP size that does; any other TP size is refused, naming those that work."""
+    mine = padded_vocab_size(vocab_size, args)
+    tp = args.tensor_model_parallel_size
+    if saved_padded == mine:
+        return mine, None
+    if saved_padded % tp == 0:
+        return saved_padded, (f"keeping the checkpoint's padded vocabulary of {saved_padded} rows (TP {tp} divides "
+                              f"it; padding for this layout alone would give {mine})")
+    limit = math.gcd(saved_padded, args.num_attention_heads)
+    working = [t for t in range(1, limit + 1) if limit % t == 0]
+    raise SetupError(f"the checkpoint's padded vocabulary of {saved_padded} rows cannot be split over TP {tp}; "
+                     f"resume at a tensor-parallel size that divides it and the {args.num_attention_heads} "
+                     f"attention heads: {', '.join(map(str, working))}")
 
 
 def activation_name(config) -> str:

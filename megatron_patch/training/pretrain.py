@@ -36,6 +36,8 @@ def build(args, callbacks=None):
         data.check_vocabulary(args, tokenizer)
     padded = model_builder.padded_vocab_size(tokenizer.vocab_size, args)
     header = ckpt.read_checkpoint_header(args, tokenizer.vocab_size, padded) if args.load else None
+    if header is not None:  # a resume keeps the checkpoint's padding (checked: this TP size divides it)
+        padded = header[1]["padded_vocab_size"]
     datasets = data.build_datasets(args, tokenizer)
     config = args.transformer_config
     if args.deepspeed:  # DeepSpeed's engine instead of megatron-core's DDP and optimizer

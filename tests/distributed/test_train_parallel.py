@@ -1,6 +1,6 @@
 """TP=2, PP=2 (also interleaved), DP=2 (also with the distributed optimizer, also overlapping grad
 reduce / param gather) and TP=2 + sequence parallel with Embed LN each reproduce the 1-process
-loss curve; resume across layouts.
+loss curve; resume across layouts (keeping the checkpoint's vocabulary padding).
 
 All layouts start from one initial checkpoint written by a 1-process run (`--train-iters 0
 --save`), because Megatron-LM seeds each pipeline stage differently (seed + 100 x stage), so a
@@ -19,6 +19,7 @@ from tests.train_helpers import (ROOT, losses, make_corpus, run_inprocess, subpr
 
 ATOL = 5e-5
 ITERS = 6
+BIG_VOCAB = ["--vocab-size", 7999]  # NullTokenizer: 8,000 ids, the quickstart's vocabulary size
 
 
 def base(corpus, *extra):
@@ -40,6 +41,11 @@ def runs(tmp_path_factory):
     run_inprocess(base(tmp / "data" / "tiny_text_document", "--load", tmp / "init_vanilla", "--save",
                        tmp / "ref_fr", "--save-interval", 3, "--exit-interval", 3, "--use-distributed-optimizer",
                        "--dist-ckpt-optim-fully-reshardable"))
+    # Megatron-LM's vocabulary padding depends on TP: with the default --make-vocab-size-divisible-by
+    # 128, 8,000 ids pad to 8,064 rows at TP 1 and 8,192 at TP 2; a resume keeps the checkpoint's.
+    ref["big_vocab"] = losses(run_inprocess(base(corpus, *BIG_VOCAB, "--save", tmp / "ref_big", "--save-interval", 3)))
+    run_inprocess(base(corpus, "--train-iters", 0, "--make-vocab-size-divisible-by", 1, "--save", tmp / "odd_vocab",
+                       "--no-save-optim", "--no-save-rng"))  # 201 rows: no TP size but 1 divides them
     init, embed_init = tmp / "init_vanilla", tmp / "init_embed_ln"
     spec = [
         ("tp2", ["--tensor-model-parallel-size", 2, "--load", init]),
@@ -62,6 +68,10 @@ def runs(tmp_path_factory):
                                           "--load", tmp / "ref_fr"]),
         ("tp2_distopt_from_dp_reshardable", ["--tensor-model-parallel-size", 2, "--use-distributed-optimizer",
                                              "--load", tmp / "dopt", "--ckpt-step", 3]),
+        ("tp2_big_vocab_from_tp1", [*BIG_VOCAB, "--tensor-model-parallel-size", 2, "--load", tmp / "ref_big",
+                                    "--ckpt-step", 3, "--save", tmp / "big_tp2", "--exit-interval", 5]),
+        ("tp2_odd_vocab_from_tp1", ["--tensor-model-parallel-size", 2, "--make-vocab-size-divisible-by", 1,
+                                    "--load", tmp / "odd_vocab"]),
     ]
     write_json(tmp / "spec.json", [{"name": n, "argv": [str(a) for a in base(corpus, *extra)]}
                                    for n, extra in spec])
@@ -81,6 +91,12 @@ def runs(tmp_path_factory):
         curves = [c for c in curves if c and c[0] is not None]  # ranks of the last stage
         assert curves and all(c == curves[0] for c in curves), curves
         results[name] = curves[0]
+    # ... and back to TP 1 from the TP 2 checkpoint (iteration 5), still 8,064 rows.
+    from megatron.core import dist_checkpointing
+
+    results["big_tp2_padded"] = dist_checkpointing.load_common_state_dict(str(tmp / "big_tp2" / "iter_0000005"))[
+        "padded_vocab_size"]
+    results["tp1_big_vocab_from_tp2"] = losses(run_inprocess(base(corpus, *BIG_VOCAB, "--load", tmp / "big_tp2")))
     return ref, results
 
 
@@ -120,3 +136,20 @@ def test_dp_reshardable_optimizer_state_refuses_a_new_tp_size_clearly(runs):
     _, got = runs
     assert "cannot be resharded" in got["tp2_distopt_from_dp_reshardable"]
     assert "--dist-ckpt-optim-fully-reshardable" in got["tp2_distopt_from_dp_reshardable"]
+
+
+@pytest.mark.slow
+def test_resume_at_another_tp_size_keeps_the_checkpoints_vocabulary_padding(runs):
+    """TP 1 -> TP 2 -> TP 1 with the default --make-vocab-size-divisible-by (8,064 vs 8,192 rows)."""
+    ref, got = runs
+    assert close(got["tp2_big_vocab_from_tp1"], ref["big_vocab"][3:5]), (got["tp2_big_vocab_from_tp1"], ref["big_vocab"])
+    assert got["big_tp2_padded"] == 8064
+    assert close(got["tp1_big_vocab_from_tp2"], ref["big_vocab"][5:]), (got["tp1_big_vocab_from_tp2"], ref["big_vocab"])
+
+
+@pytest.mark.slow
+def test_a_tp_size_that_cannot_split_the_checkpoints_vocabulary_is_refused_naming_those_that_can(runs):
+    _, got = runs
+    assert got["tp2_odd_vocab_from_tp1"] == (
+        "the checkpoint's padded vocabulary of 201 rows cannot be split over TP 2; resume at a tensor-parallel "
+        "size that divides it and the 4 attention heads: 1")
