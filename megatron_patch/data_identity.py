@@ -8,7 +8,12 @@
 - `<prefix>.maxid.json`: the largest id in the .bin, found by a chunked max over the memmap (a few
   seconds per GB) and cached, keyed by the .bin's size and mtime, so that only the first run
   pays for it. Ids past the tokenizer's range would otherwise crash training mid-run.
-Both are written atomically (tmp + rename); an unwritable data directory only loses the cache.
+- `index_fingerprint(prefix)`: the sha256 of the .idx (document lengths and offsets), cached in
+  `<prefix>.idxsha.json` by size and mtime like the max id. megatron-core's index caches
+  (`cache/GPTDataset_indices`, the blend's) are a function of the .idx; the trainer puts this
+  fingerprint into their key, so data remade under the same prefix gets new indices instead of
+  stale ones (an IndexError, or the wrong samples).
+All are written atomically (tmp + rename); an unwritable data directory only loses the cache.
 """
 
 import hashlib
@@ -64,7 +69,7 @@ def write_tokenizer_identity(prefix: str, identity: dict) -> None:
 
 def remove_records(prefix: str) -> None:
     """Drop the identity and max-id records of the dataset at `prefix` (before replacing it)."""
-    for suffix in (".tokenizer.json", ".maxid.json"):
+    for suffix in (".tokenizer.json", ".maxid.json", ".idxsha.json"):
         if os.path.exists(prefix + suffix):
             os.remove(prefix + suffix)
 
@@ -103,6 +108,19 @@ def max_token_id(prefix: str, dtype) -> int:
             top = max(top, int(tokens[start:start + CHUNK_TOKENS].max()))
     _write_json(prefix + ".maxid.json", {**key, "max_id": top})
     return top
+
+
+def index_fingerprint(prefix: str) -> str:
+    """sha256 of <prefix>.idx, cached in <prefix>.idxsha.json (keyed by the .idx's size and mtime)."""
+    path = prefix + ".idx"
+    stat = os.stat(path)
+    key = {"idx_size": stat.st_size, "idx_mtime_ns": stat.st_mtime_ns}
+    cached = _read_json(prefix + ".idxsha.json")
+    if cached and all(cached.get(k) == v for k, v in key.items()) and "sha256" in cached:
+        return cached["sha256"]
+    digest = _sha256(path)
+    _write_json(prefix + ".idxsha.json", {**key, "sha256": digest})
+    return digest
 
 
 # megatron-core's .idx layout (datasets/indexed_dataset.py): magic, version <Q, dtype code <B,

@@ -192,8 +192,7 @@ def check_vocabulary(args, tokenizer) -> None:
         mine = data_identity.tokenizer_identity(args.tokenizer_type, tokenizer.vocab_size,
                                                 tokenizer_model=args.tokenizer_model,
                                                 vocab_file=args.vocab_file, merge_file=args.merge_file)
-        blends = [args.data_blend] + (args.data_blend_per_split or [])
-        for prefix in sorted({p for blend in filter(None, blends) for p in blend[0]}):
+        for prefix in _prefixes(args):
             saved = data_identity.read_tokenizer_identity(prefix)
             differences = data_identity.identity_differences(saved, mine) if saved else []
             if differences:
@@ -222,7 +221,11 @@ def split_sizes(args):
 
 
 class _DatasetTokenizer:
-    """What megatron-core's datasets read from a tokenizer: ids, and identifiers for cache keys."""
+    """What megatron-core's datasets read from a tokenizer: ids, and identifiers for cache keys.
+
+    megatron-core keys its index caches (GPTDataset's, BlendedDataset's) by a hash of the path,
+    the config and these identifiers, not by the data: a corpus remade under the same prefix
+    would reuse the old indices. The fingerprint of every .idx read (data_identity) goes in too."""
 
     def __init__(self, tokenizer, args):
         self.vocab_size, self.eod = tokenizer.vocab_size, tokenizer.eod
@@ -232,6 +235,16 @@ class _DatasetTokenizer:
         self.unique_identifiers = {"class": args.tokenizer_type, "vocab_size": self.vocab_size,
                                    "eod": self.eod, "model": args.tokenizer_model,
                                    "vocab_file": args.vocab_file, "merge_file": args.merge_file}
+        if not args.mock_data:
+            from megatron_patch.data_identity import index_fingerprint
+
+            self.unique_identifiers["data_idx_sha256"] = {p: index_fingerprint(p) for p in _prefixes(args)}
+
+
+def _prefixes(args):
+    """Every dataset prefix of the run (the blend, or the per-split blends), sorted."""
+    blends = [args.data_blend] + (args.data_blend_per_split or [])
+    return sorted({p for blend in filter(None, blends) for p in blend[0]})
 
 
 def _dataset_config(args, tokenizer):

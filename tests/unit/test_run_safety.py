@@ -168,3 +168,14 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(corpus, tmp_path,
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     run_inprocess(tiny_args("--train-iters", 3, "--save", tmp_path, data=corpus))
     assert "took over the lock of an earlier run of Slurm job 4242 (node017 pid 12345)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("num_docs", [40, 400])  # fewer documents: IndexError; more: silently stale samples
+def test_data_remade_under_the_same_prefix_gets_new_indices_on_resume(tmp_path, num_docs):
+    prefix = make_corpus(tmp_path / "data" / "text_document", num_docs=200)
+    run_inprocess(tiny_args("--train-iters", 6, "--save", tmp_path / "ckpt", "--exit-interval", 3, data=prefix))
+    make_corpus(prefix, num_docs=num_docs, seed=7)  # preprocess_data.py again, into the same prefix
+    resumed = run_inprocess(tiny_args("--train-iters", 6, "--load", tmp_path / "ckpt", data=prefix))
+    assert [h["iteration"] for h in resumed.history] == [4, 5, 6]
+    train = resumed.datasets[0]
+    assert int(train.document_index.max()) + 1 == round(0.9 * num_docs)  # every training document of the new data
