@@ -67,6 +67,12 @@ def current() -> Capabilities:
     return _OVERRIDE if _OVERRIDE is not None else detect()
 
 
+def on_cuda() -> bool:
+    """`current().cuda` without the package probes of `detect()` (they import megatron-core,
+    seconds of start-up that a flag check should not pay)."""
+    return _OVERRIDE.cuda if _OVERRIDE is not None else torch.cuda.is_available()
+
+
 @contextlib.contextmanager
 def use(caps: Capabilities):
     """Decide as if the machine had `caps` (tests; the dry run plans as on the GPU cluster)."""

@@ -8,13 +8,26 @@ differs between releases on any device.
 """
 
 import os
+from importlib import metadata
 
-import megatron.core
 import torch
 from packaging.version import Version
 
-# .public: 0.19 appends "+<git hash>" of whatever repository the package sits in (package_info.py).
-VERSION = Version(Version(megatron.core.__version__).public)
+
+def _installed_version() -> str:
+    """The installed distribution's version. Reading its metadata imports nothing: importing
+    megatron.core costs seconds of start-up (pretrain_gpt.py --help reads this module)."""
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        import megatron.core
+
+        return megatron.core.__version__
+
+
+# .public: 0.19's megatron.core.__version__ appends "+<git hash>" of whatever repository the
+# package sits in (package_info.py).
+VERSION = Version(Version(_installed_version()).public)
 TESTED = ("0.16.1", "0.19.x")
 
 
@@ -35,9 +48,13 @@ def mlp_submodules(mlp_spec):
 # torch.distributed.checkpoint's CheckpointException (raised for a truncated .metadata or .distcp)
 # derives from BaseException, so `except Exception` misses it. From 0.19 the common state is read
 # through torch.distributed.checkpoint as well, so every checkpoint read catches this pair.
-from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+def load_errors() -> tuple:
+    """What a failed checkpoint read raises (imported on use: torch.distributed.checkpoint costs
+    seconds of start-up, and pretrain_gpt.py --help must not pay them)."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
-LOAD_ERRORS = (Exception, CheckpointException)
+    return (Exception, CheckpointException)
+
 
 # 0.16-0.18 write the checkpoint's common (non-sharded) state to <ckpt>/common.pt. 0.19 stores it
 # as one ShardedObject "common_state" inside the torch_dist files and writes no common.pt; its

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.config import StabilityConfig, StabilityConfigError, add_stability_args, stability_kwargs  # noqa: E402
+from megatron_patch.config import StabilityConfig, StabilityConfigError, stability_kwargs  # noqa: E402
+from megatron_patch.stability_flags import add_stability_args  # noqa: E402
 from megatron_patch.monitor.layer_stats import LayerNormProbes, layer_index  # noqa: E402
 
 AMPLIFIED = 10.0

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+from megatron_patch import upstream
 from megatron_patch.training import checkpoint_keys, checkpointing
 from megatron_patch.training.errors import SetupError
 
@@ -79,8 +80,6 @@ def load_model(load_dir: str, step=None):
     """(fp32 GPTModel at TP=1/PP=1 on CPU with the checkpoint's weights, its args, common state).
     Checkpoints of Transformer Engine layers load too (see training/checkpoint_keys.py).
     Call between `start_single_process` and `stop` (see `loaded_checkpoint`)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     path, common = read_common(load_dir, step)
     args = args_from_saved(common["args"])
     # fp32 config as well as weights: a bf16 config would cast attention probabilities of fp32
@@ -92,7 +91,7 @@ def load_model(load_dir: str, step=None):
         notes += checkpoint_keys.load_module_state(model, loaded["model0"])
     except SetupError:
         raise
-    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+    except upstream.load_errors() as exc:  # noqa: BLE001
         raise SetupError(f"cannot load {path}: {checkpointing.describe_load_failure(exc)}") from None
     if notes:
         print(checkpoint_keys.notice(path, notes), file=sys.stderr, flush=True)

@@ -38,7 +38,8 @@ SIGNALS = ("loss", "grad_norm", "update_norm")
 
 
 def add_monitor_args(parser):
-    g = parser.add_argument_group("stability monitor (per-layer stats, spike detection)")
+    g = parser.add_argument_group("stability monitor (per-layer stats, spike detection)",
+                                  "This package's: off by default (docs/monitor.md).")
     g.add_argument("--monitor-interval", type=int, default=0,
                    help="Record per-layer statistics every K steps (0: monitor off).")
     g.add_argument("--monitor-dir", default=None, help="Where to write monitor.jsonl (default: --save or cwd).")
@@ -57,15 +58,18 @@ def add_monitor_args(parser):
                    help="Healthy steps the statistics use (64: on the spike sweep's runs it caught as "
                         "many bursts as 32 with fewer false flags, and more than 128, whose window "
                         "still held the early high norms; see benchmarks/spike_rule_eval.py).")
-    g.add_argument("--spike-min-history", type=int, default=16)
+    g.add_argument("--spike-min-history", type=int, default=16,
+                   help="Healthy steps the detector needs before it can flag a spike.")
     g.add_argument("--spike-zscore", type=float, default=6.0, help="Flag x > mean + Z*std (<=0: off).")
     g.add_argument("--spike-ratio", type=float, default=0.0, help="Flag x > R*median (<=0: off).")
     g.add_argument("--rollback-after", type=int, default=3, help="Spikes that trigger a rollback.")
     g.add_argument("--rollback-window", type=int, default=50, help="...within this many steps.")
     g.add_argument("--rollback-skip-data", action="store_true",
                    help="After a rollback, continue with the data that follows the spikes.")
-    g.add_argument("--rollback-lr-factor", type=float, default=1.0)
-    g.add_argument("--rollback-lr-steps", type=int, default=0)
+    g.add_argument("--rollback-lr-factor", type=float, default=1.0,
+                   help="After a rollback, multiply the lr by this for --rollback-lr-steps steps.")
+    g.add_argument("--rollback-lr-steps", type=int, default=0,
+                   help="Steps of the reduced lr after a rollback (0: none).")
     g.add_argument("--rollback-max", type=int, default=5,
                    help="At most this many rollbacks per run; after that spikes are only skipped.")
     return parser

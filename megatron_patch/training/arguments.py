@@ -8,9 +8,19 @@ no process group, model or data read, so a bad flag fails in a second with one l
 import argparse
 
 from megatron_patch import capabilities
+from megatron_patch.stability_flags import add_stability_args
 
 from . import checkpointing, data, initialize, logging, loop, model_builder, optimizer
 from .errors import SetupError
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless the help names it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.option_strings and action.nargs != 0 and action.default not in (None, "", argparse.SUPPRESS)
+        return f"{text} (default: %(default)s)" if shown and "default" not in text.lower() else text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,13 +31,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
-    from megatron_patch.config import add_stability_args
     from megatron_patch.deepspeed.config import add_deepspeed_args
     from megatron_patch.monitor.callback import add_monitor_args
 
     from .dry_run import add_dry_run_args
 
-    parser = _Parser(prog=prog, allow_abbrev=False,
+    parser = _Parser(prog=prog, allow_abbrev=False, formatter_class=_HelpFormatter,
                      description="GPT pre-training on megatron-core with Megatron-LM's flags and "
                                  "loss-spike stabilization (Spike No More, WeSaR).")
     model_builder.add_model_args(parser)
@@ -53,14 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate_args(args, world_size=None) -> argparse.Namespace:
-    """Fill derived values and refuse bad or contradictory flags (raises SetupError)."""
-    from megatron_patch.config import StabilityConfigError, stability_kwargs
+    """Fill derived values and refuse bad or contradictory flags (raises SetupError). The checks
+    that need no megatron-core run first, so most bad flags fail before it is imported."""
     from megatron_patch.deepspeed.config import validate_deepspeed_args
     from megatron_patch.monitor.callback import validate_monitor_args
 
     world_size = initialize.world_size_from_env() if world_size is None else world_size
     args.world_size = world_size
-    on_cuda = capabilities.current().cuda
+    on_cuda = capabilities.on_cuda()
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(args, flag) is None:
             raise SetupError(f"--{flag.replace('_', '-')} is required")
@@ -75,6 +84,8 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     logging.validate_logging_args(args)
     validate_monitor_args(args, fail=_raise_setup_error)
     validate_deepspeed_args(args)  # no-op without --deepspeed
+    from megatron_patch.config import StabilityConfigError, stability_kwargs  # imports megatron-core
+
     try:
         stability_kwargs(args)
     except StabilityConfigError as exc:

@@ -36,18 +36,19 @@ def add_checkpointing_args(parser):
     g.add_argument("--save-interval", type=int, default=None, help="Iterations between checkpoints.")
     g.add_argument("--load", default=None, help="Directory to resume from (its latest checkpoint).")
     g.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration, not the latest.")
-    g.add_argument("--no-save-optim", action="store_true")
-    g.add_argument("--no-save-rng", action="store_true")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-optim", action="store_true", help="Save the model without the optimizer state.")
+    g.add_argument("--no-save-rng", action="store_true", help="Save without the RNG states.")
+    g.add_argument("--no-load-optim", action="store_true", help="Load the model only; fresh optimizer state.")
+    g.add_argument("--no-load-rng", action="store_true", help="Do not restore the RNG states.")
     g.add_argument("--finetune", action="store_true",
                    help="Load model weights only; restart at iteration 0 with fresh optimizer/RNG.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="Fail if --load has no checkpoint (default: start from scratch).")
-    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
+                   help="Checkpoint format (torch_dist: megatron-core distributed checkpointing).")
     g.add_argument("--use-dist-ckpt", action="store_true", help="Accepted; always on.")
     g.add_argument("--auto-detect-ckpt-format", action="store_true", help="Accepted; always on.")
-    g.add_argument("--dist-ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--dist-ckpt-format", choices=["torch_dist"], default="torch_dist", help="Alias of --ckpt-format.")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="Distributed optimizer: save its state resharable across TP/PP too "
                         "(gathered on DP rank 0); default dp_reshardable (DP changes only).")
@@ -263,7 +264,7 @@ def read_common_state(path: str, if_deepspeed: str) -> dict:
         raise SetupError(f"{path} is a DeepSpeed checkpoint; {if_deepspeed}")
     try:
         common = upstream.load_common_state(path)
-    except upstream.LOAD_ERRORS as exc:  # noqa: BLE001 - any failure means the same thing to the user
+    except upstream.load_errors() as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise SetupError(f"unreadable checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
         raise SetupError(f"{path} is not a checkpoint written by megatron_patch's trainer")
@@ -340,7 +341,7 @@ def load_checkpoint(ctx, state, header) -> bool:
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     except SetupError:
         raise
-    except upstream.LOAD_ERRORS as exc:  # noqa: BLE001
+    except upstream.load_errors() as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         raise SetupError(f"cannot load checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None

@@ -28,33 +28,40 @@ logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_MockCacheNois
 
 
 def add_data_args(parser):
-    g = parser.add_argument_group("data")
+    g = parser.add_argument_group("data", "Megatron-LM's flags: same names, defaults and meaning; blends as 'W1 P1 W2 P2'.")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Prefixes of .bin/.idx files, optionally weighted: 'W1 P1 W2 P2 ...'.")
     g.add_argument("--split", default="969, 30, 1", help="train,valid,test proportions.")
-    g.add_argument("--train-data-path", nargs="*", default=None)
-    g.add_argument("--valid-data-path", nargs="*", default=None)
-    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--train-data-path", nargs="*", default=None,
+                   help="Training data only (prefixes, optionally weighted), instead of --data-path + --split.")
+    g.add_argument("--valid-data-path", nargs="*", default=None,
+                   help="Validation data only (prefixes, optionally weighted).")
+    g.add_argument("--test-data-path", nargs="*", default=None,
+                   help="Test data only (prefixes, optionally weighted).")
     g.add_argument("--mock-data", action="store_true", help="Random tokens, no files.")
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches go.")
-    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false")
-    g.add_argument("--mmap-bin-files", dest="mmap_bin_files", action="store_true", default=True)
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="Read the .bin files without memory-mapping them.")
+    g.add_argument("--mmap-bin-files", dest="mmap_bin_files", action="store_true", default=True,
+                   help="Memory-map the .bin files.")
     g.add_argument("--num-workers", type=int, default=2,
                    help="> 0: read the next micro-batch in a background thread; 0: inline.")
-    g.add_argument("--seq-length", type=int, default=None)
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
-    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--seq-length", type=int, default=None, help="Tokens per sequence (required).")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="Restart position ids after each end-of-document token.")
+    g.add_argument("--reset-attention-mask", action="store_true", help="Do not attend across end-of-document tokens.")
+    g.add_argument("--eod-mask-loss", action="store_true", help="No loss on end-of-document tokens.")
     g.add_argument("--no-create-attention-mask-in-dataloader", dest="create_attention_mask_in_dataloader",
-                   action="store_false")
+                   action="store_false", help="Let the model build the causal mask instead of the data loader.")
 
-    g = parser.add_argument_group("tokenizer")
+    g = parser.add_argument_group("tokenizer", "Megatron-LM's flags: same names, defaults and meaning.")
     g.add_argument("--tokenizer-type", default=None,
                    choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer",
-                            "NullTokenizer"])
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-file", default=None)
-    g.add_argument("--merge-file", default=None)
+                            "NullTokenizer"],
+                   help="Tokenizer kind (the .bin/.idx must have been made with the same one).")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file.")
+    g.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json.")
+    g.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt.")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="NullTokenizer: number of ids (the end-of-document id is this number).")
     return parser

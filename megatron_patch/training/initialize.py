@@ -18,8 +18,8 @@ from .errors import SetupError
 
 def add_distributed_args(parser):
     g = parser.add_argument_group("distributed", "Parallel layout and process groups.")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size (TP).")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size (PP).")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="Interleaved 1F1B: layers per virtual stage (needs PP > 1).")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
@@ -29,14 +29,18 @@ def add_distributed_args(parser):
     g.add_argument("--context-parallel-size", type=int, default=1, help="Only 1 is supported.")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="Default: nccl with CUDA, gloo without (CPU).")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="How long a collective may wait for a peer before the run fails.")
     g.add_argument("--local-rank", "--local_rank", type=int, default=None,
                    help="Set by old launchers; torchrun's LOCAL_RANK is used otherwise.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Overlap the gradient all-reduce/reduce-scatter with the backward pass.")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="Overlap the distributed optimizer's parameter all-gather with the forward.")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="Keep and reduce gradients in fp32 (on by default with --bf16).")
     g.add_argument("--seed", type=int, default=1234, help="Random seed (python, numpy, torch).")
     g.add_argument("--data-parallel-random-init", action="store_true",
                    help="Different model init per data-parallel rank (then broadcast).")

@@ -15,22 +15,24 @@ from .errors import SetupError
 
 
 def add_logging_args(parser):
-    g = parser.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
-    g.add_argument("--tensorboard-queue-size", type=int, default=1000)
-    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
-    g.add_argument("--log-memory-to-tensorboard", action="store_true")
+    g = parser.add_argument_group("logging", "Megatron-LM's log line, TensorBoard and wandb flags, plus MFU (--peak-tflops).")
+    g.add_argument("--log-interval", type=int, default=100, help="Print a log line every N steps.")
+    g.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard events here.")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1, help="TensorBoard scalars every N steps.")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="Events TensorBoard buffers before a flush.")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="Also log validation perplexity to TensorBoard.")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true", help="Also log memory use to TensorBoard.")
     g.add_argument("--log-timers-to-tensorboard", action="store_true", help="Accepted.")
     g.add_argument("--log-throughput", action="store_true", help="Accepted; always logged.")
     g.add_argument("--log-params-norm", action="store_true", help="Accepted.")
     g.add_argument("--log-num-zeros-in-grad", action="store_true", help="Accepted.")
     g.add_argument("--timing-log-level", type=int, default=0, help="Accepted.")
     g.add_argument("--wandb-project", default="", help="wandb project (empty: no wandb).")
-    g.add_argument("--wandb-exp-name", default="")
-    g.add_argument("--wandb-save-dir", default="")
-    g.add_argument("--wandb-entity", default="")
+    g.add_argument("--wandb-exp-name", default="", help="wandb run name.")
+    g.add_argument("--wandb-save-dir", default="", help="wandb's local directory (default: under --save).")
+    g.add_argument("--wandb-entity", default="", help="wandb team or user.")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="Peak TFLOP/s of one device (e.g. 989 for H100 bf16 dense) to report MFU.")
     return parser

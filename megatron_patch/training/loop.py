@@ -14,18 +14,20 @@ from .model_builder import unwrap
 
 
 def add_training_args(parser):
-    g = parser.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=None)
+    g = parser.add_argument_group("training", "Megatron-LM's flags: same names, defaults and meaning.")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="Sequences per micro-batch per data-parallel rank (required).")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Default: micro-batch size x data-parallel size (no accumulation).")
-    g.add_argument("--rampup-batch-size", nargs="*", default=None, help="Refused with --train-iters, as in Megatron-LM.")
-    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--rampup-batch-size", nargs="*", default=None,
+                   help="Refused with --train-iters, as in Megatron-LM.")
+    g.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train for (required).")
     g.add_argument("--train-samples", type=int, default=None, help="Not supported; use --train-iters.")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="Stop (after saving, if --save) when the iteration is a multiple of this.")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="Stop (after saving, if --save) once this much wall time has passed.")
-    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-interval", type=int, default=1000, help="Validate every N steps.")
     g.add_argument("--eval-iters", type=int, default=100, help="Validation batches per evaluation.")
     g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",

@@ -10,59 +10,74 @@ from .errors import SetupError
 
 def add_model_args(parser):
     g = parser.add_argument_group("network size", "GPT shape (Megatron-LM flag names).")
-    g.add_argument("--num-layers", type=int, default=None)
-    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--num-layers", type=int, default=None, help="Transformer layers (required).")
+    g.add_argument("--hidden-size", type=int, default=None, help="Model width d (required).")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default 4 x hidden size.")
-    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, default=None,
+                   help="Attention heads (required; divisible by TP).")
     g.add_argument("--kv-channels", type=int, default=None, help="Default hidden size / heads.")
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="Grouped-query attention (with --num-query-groups).")
+    g.add_argument("--num-query-groups", type=int, default=1, help="K/V head groups under --group-query-attention.")
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="Default --seq-length.")
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
-                   default="learned_absolute")
+                   default="learned_absolute", help="Position encoding.")
     g.add_argument("--use-rotary-position-embeddings", action="store_true",
                    help="Deprecated alias of --position-embedding-type rope.")
     g.add_argument("--no-position-embedding", action="store_true",
                    help="Deprecated: no learned absolute position embedding.")
-    g.add_argument("--rotary-percent", type=float, default=1.0)
-    g.add_argument("--rotary-base", type=int, default=10000)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
-    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="Share of each head's dimensions rotated by RoPE.")
+    g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base (theta).")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Pad the vocabulary to a multiple of this times TP.")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
+                   help="Norm of every layer (and of Embed LN).")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="Epsilon of the norms.")
+    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true",
+                   help="Post-LN residual (the paper's runs are pre-LN).")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="Separate output layer instead of the word embedding table.")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GELU.")
+    g.add_argument("--disable-bias-linear", action="store_true", help="No biases in the linear layers.")
+    g.add_argument("--qk-layernorm", action="store_true", help="LayerNorm on queries and keys (megatron-core's).")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="Default: transformer_engine on a GPU machine that has it, else local.")
     g.add_argument("--use-mcore-models", action="store_true", help="Accepted; always true here.")
 
-    g = parser.add_argument_group("initialization and regularization")
+    g = parser.add_argument_group("initialization and regularization", "Megatron-LM's flags: same names, defaults and meaning.")
     g.add_argument("--init-method-std", type=float, default=None, help="Default 0.02.")
     g.add_argument("--embedding-init-method-std", type=float, default=None,
                    help="Default: --init-method-std.")
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1,
+                   help="Dropout on the residual branches and the embedding output.")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on the attention probabilities.")
     g.add_argument("--use-cpu-initialization", action="store_true",
                    help="Initialise full weights on CPU, then split (always on without CUDA).")
 
     g = parser.add_argument_group("kernels and recomputation", "Speed switches (no effect on math).")
-    g.add_argument("--apply-query-key-layer-scaling", action="store_true")
-    g.add_argument("--attention-softmax-in-fp32", action="store_true")
+    g.add_argument("--apply-query-key-layer-scaling", action="store_true",
+                   help="Scale Q.K by the layer number (fp16 range; Megatron-LM's).")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", help="Softmax in fp32 under fp16/bf16.")
     for name in ("masked-softmax", "bias-gelu", "bias-swiglu", "bias-dropout", "gradient-accumulation",
                  "persist-layer-norm"):
         suffix = "" if name == "persist-layer-norm" else "-fusion"
-        g.add_argument(f"--no-{name}{suffix}", action="store_true")
-    g.add_argument("--use-flash-attn", action="store_true")
+        g.add_argument(f"--no-{name}{suffix}", action="store_true",
+                       help=f"Do not use the fused {name.replace('-', ' ')} kernel (GPU only; none run on CPU).")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="Flash attention (Transformer Engine layers on a GPU).")
     g.add_argument("--attention-backend", default="auto",
-                   choices=["auto", "flash", "fused", "unfused", "local"])
+                   choices=["auto", "flash", "fused", "unfused", "local"],
+                   help="Attention kernel choice (Transformer Engine; auto picks).")
     g.add_argument("--recompute-activations", action="store_true",
                    help="Selective recomputation of attention.")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="Activation recomputation: full layers or the attention core only.")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="With full recomputation: uniform chunks or the first N layers per stage.")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="Layers per recomputation chunk (uniform) or recomputed layers (block).")
     return parser
 
 

@@ -6,33 +6,39 @@ from .errors import SetupError
 
 
 def add_optimizer_args(parser):
-    g = parser.add_argument_group("optimizer and regularization")
+    g = parser.add_argument_group("optimizer and regularization", "Megatron-LM's flags: same names, defaults and meaning.")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam is AdamW (decoupled weight decay), as in Megatron-LM.")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--start-weight-decay", type=float, default=None)
-    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW/SGD weight decay (norms, biases and WeSaR gates excluded).")
+    g.add_argument("--start-weight-decay", type=float, default=None,
+                   help="Weight decay at step 0 when it changes over the run.")
+    g.add_argument("--end-weight-decay", type=float, default=None,
+                   help="Weight decay at the end when it changes over the run.")
     g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"],
-                   default="constant")
+                   default="constant", help="How weight decay moves from start to end.")
     g.add_argument("--clip-grad", type=float, default=1.0, help="Global grad-norm clip (0 = off).")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam-beta2", type=float, default=0.999,
+                   help="Adam beta2 (the paper: 0.999; 0.95 at 13B [unverified]).")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon.")
+    g.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd).")
 
-    g = parser.add_argument_group("learning rate")
+    g = parser.add_argument_group("learning rate", "Megatron-LM's flags: same names, defaults and meaning.")
     g.add_argument("--lr", type=float, default=None, help="Peak learning rate.")
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--min-lr", type=float, default=0.0, help="Learning rate at the end of the decay.")
     g.add_argument("--lr-decay-style", default="linear",
-                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   help="Learning-rate decay after the warm-up.")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="Default --train-iters.")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warm-up steps.")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="Warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters).")
-    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="Learning rate at the start of the warm-up.")
     g.add_argument("--lr-wsd-decay-style", default="exponential",
-                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
-    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   help="Decay shape of WSD's final phase.")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="Steps in WSD's final decay phase.")
     g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
                    dest="override_opt_param_scheduler", action="store_true",
                    help="Take the schedule from the flags, not from the checkpoint.")
@@ -54,10 +60,13 @@ def add_optimizer_args(parser):
                         "gradient traffic, loses precision).")
     g.add_argument("--loss-scale", type=float, default=None,
                    help="Static loss scale (fp16); default: dynamic loss scaling.")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
-    g.add_argument("--min-loss-scale", type=float, default=1.0)
-    g.add_argument("--loss-scale-window", type=float, default=1000)
-    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="fp16 dynamic loss scaling: the starting scale.")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16 dynamic loss scaling: the lowest scale.")
+    g.add_argument("--loss-scale-window", type=float, default=1000,
+                   help="fp16 dynamic loss scaling: clean steps before the scale doubles.")
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="fp16 dynamic loss scaling: overflows tolerated before the scale halves.")
     return parser
 
 

@@ -8,10 +8,10 @@ import torch
 from megatron_patch.config import (
     StabilityConfig,
     StabilityConfigError,
-    add_stability_args,
     stability_kwargs,
 )
 from megatron_patch.model import build_gpt_model
+from megatron_patch.stability_flags import add_stability_args
 
 SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
 
