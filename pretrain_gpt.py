@@ -10,6 +10,11 @@ lives in megatron_patch/training/.
 import sys
 import warnings
 
+from megatron_patch import interrupts
+
+if __name__ == "__main__":  # Ctrl-C while torch and megatron-core import: one line
+    interrupts.during_startup("pretrain_gpt.py")
+
 # Upstream noise that says nothing about this run: megatron-core warns at import time that
 # apex/Transformer Engine are absent (expected on CPU), and TransformerConfig's own default
 # cuda_graph_scope triggers a deprecation warning.
@@ -19,4 +24,4 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 from megatron_patch.training.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":  # required: dist_checkpointing's writer starts spawn-context workers
-    sys.exit(main())
+    sys.exit(interrupts.run_main("pretrain_gpt.py", main))

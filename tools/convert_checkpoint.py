@@ -25,6 +25,10 @@ warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", ca
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_patch import interrupts  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C while torch and megatron-core import: one line
+    interrupts.during_startup("convert_checkpoint.py")
 
 
 def main(argv=None) -> int:
@@ -60,4 +64,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_main("convert_checkpoint.py", main))

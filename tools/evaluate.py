@@ -39,6 +39,10 @@ warnings.filterwarnings("ignore", message=r"Please use DTensor instead", categor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from megatron_patch import interrupts  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C while torch and megatron-core import: one line
+    interrupts.during_startup("evaluate.py")
 from megatron_patch.training.errors import SetupError  # noqa: E402
 from preprocess_data import DataError, check_input, iter_documents  # noqa: E402
 
@@ -192,4 +196,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_main("evaluate.py", main))

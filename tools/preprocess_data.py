@@ -35,6 +35,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_patch import interrupts  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C while the tokenizers import: one line
+    interrupts.during_startup("preprocess_data.py")
 from megatron_patch import data_identity  # noqa: E402
 from megatron_patch.training.child_processes import process_alive  # noqa: E402
 from megatron_patch.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
@@ -440,4 +444,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(interrupts.run_main("preprocess_data.py", main))

@@ -4,7 +4,8 @@ Layout (Megatron-LM's): <save>/iter_0000100/ (a torch_dist checkpoint) and
 <save>/latest_checkpointed_iteration.txt. A checkpoint is written to iter_0000100.tmp first;
 only when every rank has finished does rank 0 rename it and then replace the tracker file
 (write + fsync + os.replace). A crash at any point leaves the last good checkpoint and the
-tracker pointing at it; a stale *.tmp is ignored and removed by the next save.
+tracker pointing at it; a save that fails or is interrupted removes its *.tmp (naming a full
+disk), and one left by a hard kill is removed by the next save.
 
 Contents: model chunks ("model0", ...), optimizer (parameter state sharded by model tensor, so it
 reshards), LR scheduler, RNG states (per TP/PP rank, with the device type they came from),
@@ -13,6 +14,8 @@ load) and the MLP activation computed (exact or tanh GELU, for evaluation and ex
 Checkpoints of Transformer Engine and of local layers load into each other (checkpoint_keys.py).
 """
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -62,7 +65,8 @@ def add_checkpointing_args(parser):
                    help="Let a fresh run (one not resuming from --save) write into a --save that already "
                         "holds a run, replacing its checkpoints (refused without this flag).")
     g.add_argument("--exit-signal-handler", action="store_true",
-                   help="On SIGTERM (e.g. Slurm preemption): save a checkpoint and exit cleanly.")
+                   help="On SIGTERM (e.g. Slurm preemption) or SIGINT (Ctrl-C): save a checkpoint and exit "
+                        "cleanly after the current step; a second Ctrl-C stops at once without saving.")
     return parser
 
 
@@ -73,8 +77,8 @@ def validate_checkpointing_args(args) -> None:
         raise SetupError(f"--save {args.save} is a file; give a directory")
     args.checkpoint_notes = []
     if args.exit_signal_handler and not args.save:
-        args.checkpoint_notes.append("--exit-signal-handler without --save: on SIGTERM the run stops "
-                                     "without saving anything")
+        args.checkpoint_notes.append("--exit-signal-handler without --save: on SIGTERM or SIGINT the run "
+                                     "stops without saving anything")
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise SetupError(f"--load {args.load} is not a directory")
     if args.finetune:
@@ -143,8 +147,9 @@ def save_checkpoint(ctx, state) -> str:
         has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
-    dist_checkpointing.save(sd, tmp, sharded_strategy=_save_strategy(args), content_metadata=metadata)
-    publish(args.save, state.iteration)
+    with abandoned_on_failure(args.save, tmp):
+        dist_checkpointing.save(sd, tmp, sharded_strategy=_save_strategy(args), content_metadata=metadata)
+        publish(args.save, state.iteration)
     return final
 
 
@@ -188,6 +193,53 @@ def begin_save(root, iteration):
         os.makedirs(tmp)
     _barrier()
     return final, tmp
+
+
+MIN_FREE_BYTES = 64 << 20  # a failed save with less free than this on --save's filesystem: the disk is full
+
+
+@contextlib.contextmanager
+def abandoned_on_failure(root, tmp):
+    """A save that fails or is interrupted leaves nothing half-written: rank 0 removes `tmp` (the
+    tracker still names the last good checkpoint). A full disk is named in one line: torch's
+    writers report it as 'unexpected pos 704 vs 598', so the free space is measured first,
+    before the partial files are removed."""
+    try:
+        yield
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(root, exc)
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            last = _tracked_iteration(root)
+            raise SetupError(f"no space left on device (ENOSPC) writing {tmp}: {full}; the checkpoint was not "
+                             f"saved and its partial files are removed; "
+                             f"{'the last good checkpoint is iteration ' + str(last) if last is not None else 'no checkpoint was written before'}"
+                             f" (still published); free space in {root} or give another --save, then resume "
+                             "with --load") from None
+        raise
+
+
+def _disk_full(root, exc) -> str:
+    """'' unless `exc` (or its cause) is ENOSPC/EDQUOT or `root`'s filesystem has almost no space left."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(seen.errno).lower()
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    return f"{free:,} bytes free" if free < MIN_FREE_BYTES else ""
+
+
+def _tracked_iteration(root):
+    try:
+        with open(os.path.join(root, TRACKER)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def publish(root, iteration):
@@ -402,14 +454,19 @@ def _first_line(exc):
 
 
 class ExitSignalHandler:
-    """Records SIGTERM in `pending`; the loop turns it into save-and-exit on every rank."""
+    """--exit-signal-handler: records SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) in
+    `pending`; the loop turns it into save-and-exit on every rank, after the current step (or
+    evaluation). A second Ctrl-C while one is pending interrupts at once, as without the flag."""
 
-    def __init__(self, sig=signal.SIGTERM):
-        self.sig, self.pending = sig, False
-        self._previous = signal.signal(sig, self._handle)
+    def __init__(self, sigs=(signal.SIGTERM, signal.SIGINT)):
+        self.pending = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in sigs}
 
     def _handle(self, signum, frame):
+        if self.pending and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.pending = True
 
     def restore(self):
-        signal.signal(self.sig, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -3,6 +3,8 @@
 import os
 import sys
 
+from megatron_patch.interrupts import INTERRUPTED
+
 from .arguments import parse_and_validate
 from .callbacks import CallbackList
 from .errors import SetupError, TrainingDiverged
@@ -143,4 +145,9 @@ def main(argv=None, callbacks=None) -> int:
         if _is_rank0():
             print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler (a save under way removed its .tmp)
+        if _is_rank0():
+            print("pretrain_gpt.py: interrupted (Ctrl-C): stopped without saving; --load resumes from the last "
+                  "checkpoint, and --exit-signal-handler makes Ctrl-C save one first", file=sys.stderr, flush=True)
+        return INTERRUPTED
     return 0

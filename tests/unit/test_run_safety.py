@@ -3,13 +3,17 @@ other model flags, a fresh run over a saved run, two trainers on one --save, set
 no sense, a diverging run, a changed schedule; and the clean-up of a crashed save."""
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
 from megatron_patch.training import save_dir
-from tests.train_helpers import make_corpus, one_error_line, run_inprocess, tiny_args
+from megatron_patch.training.callbacks import Callback
+from tests.train_helpers import ROOT, make_corpus, one_error_line, run_inprocess, subprocess_env, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +183,76 @@ def test_data_remade_under_the_same_prefix_gets_new_indices_on_resume(tmp_path, 
     assert [h["iteration"] for h in resumed.history] == [4, 5, 6]
     train = resumed.datasets[0]
     assert int(train.document_index.max()) + 1 == round(0.9 * num_docs)  # every training document of the new data
+
+
+class _CtrlC(Callback):
+    """Sends this process SIGINT, as Ctrl-C does, at iteration 2: after the step or inside evaluation."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def on_step_end(self, state):
+        if self.when == "step" and state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_eval_end(self, state, metrics):
+        if self.when == "evaluation" and state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("when", ["step", "evaluation"])
+def test_ctrl_c_with_the_exit_signal_handler_saves_and_stops(corpus, tmp_path, when):
+    ctx = run_inprocess(tiny_args("--train-iters", 6, "--save", tmp_path, "--exit-signal-handler", "--eval-iters", 1,
+                                  "--eval-interval", 2, data=corpus), callbacks=[_CtrlC(when)])
+    assert ctx.stop_reason == "signal" and [h["iteration"] for h in ctx.history] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.parametrize("when", ["save", "evaluation"])
+def test_ctrl_c_without_the_handler_stops_in_one_line_and_leaves_no_tmp(corpus, tmp_path, capsys, monkeypatch, when):
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.training.pretrain import main
+
+    real_save = dist_checkpointing.save
+
+    def interrupted_save(sd, directory, **kw):
+        if directory.endswith("iter_0000004.tmp"):  # Ctrl-C half-way through writing it
+            open(os.path.join(directory, "__0_0.distcp"), "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(sd, directory, **kw)
+
+    monkeypatch.setattr(dist_checkpointing, "save", interrupted_save)
+    argv = tiny_args("--train-iters", 6, "--save", tmp_path, "--save-interval", 2, "--eval-iters", 1,
+                     "--eval-interval", 4, data=corpus)
+    code = main([str(a) for a in argv], callbacks=[_CtrlC("evaluation")] if when == "evaluation" else [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1 and err[0].startswith("pretrain_gpt.py: interrupted (Ctrl-C): "), err
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+def _maps(pid):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["pretrain_gpt.py", "tools/convert_checkpoint.py"])
+def test_ctrl_c_at_start_up_is_one_line(tmp_path, script):
+    """Ctrl-C while torch is being imported (at the top of pretrain_gpt.py; in main() of the tools,
+    as in tools/evaluate.py): sent once libtorch is mapped into the process."""
+    args = {"pretrain_gpt.py": ["--help"],
+            "tools/convert_checkpoint.py": ["--load", tmp_path, "--output", tmp_path / "hf", "--to", "hf"]}[script]
+    proc = subprocess.Popen([sys.executable, str(ROOT / script)] + [str(a) for a in args], cwd=tmp_path,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and "libtorch" not in _maps(proc.pid):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    name = os.path.basename(script)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, (proc.returncode, err[-2000:])
+    assert err.startswith(f"{name}: interrupted (Ctrl-C)"), err

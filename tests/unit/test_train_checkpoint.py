@@ -1,11 +1,14 @@
 """Checkpoints: exact resume in one process, atomic writes, the init-checkpoint workflow."""
 
+import contextlib
 import os
+import subprocess
 
 import pytest
 import torch
 
 from megatron_patch.training import checkpointing
+from megatron_patch.training.callbacks import Callback
 from tests.train_helpers import losses, run_inprocess, tiny_args
 
 
@@ -60,7 +63,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(argv)
     assert (tmp_path / checkpointing.TRACKER).read_text() == "2"
-    assert (tmp_path / "iter_0000004.tmp").is_dir() and not (tmp_path / "iter_0000004").exists()
+    assert not (tmp_path / "iter_0000004.tmp").exists() and not (tmp_path / "iter_0000004").exists()  # removed
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
     resumed = run_inprocess(argv + ["--load", tmp_path])  # resumes from 2, re-saves 4 cleanly
     assert len(resumed.history) == 2 and resumed.history[0]["iteration"] == 3
@@ -92,3 +95,45 @@ def test_crash_while_resaving_an_iteration_falls_back_to_the_previous_copy(tmp_p
     resumed = run_inprocess(tiny_args("--train-iters", 3, "--load", tmp_path, "--lr-warmup-iters", 1,
                                       "--override-opt_param-scheduler", mock=True))
     assert [h["iteration"] for h in resumed.history] == [3]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs (a real filesystem that fills up); skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): disk-full test skipped")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+class _FillDisk(Callback):
+    """Fills the disk after iteration 3, between the save of iteration 2 and that of 4."""
+
+    def __init__(self, disk):
+        self.disk = disk
+
+    def on_step_end(self, state):
+        if state.iteration == 3:
+            with open(self.disk / "filler", "wb") as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(bytes(1 << 16))
+
+
+def test_a_full_disk_is_named_and_the_last_good_checkpoint_stays(small_disk, capsys):
+    from megatron_patch.training.pretrain import main
+
+    save = small_disk / "ckpt"
+    code = main([str(a) for a in tiny_args("--train-iters", 4, "--save", save, "--save-interval", 2, mock=True)],
+                callbacks=[_FillDisk(small_disk)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "no space left on device (ENOSPC) writing " + str(save / "iter_0000004.tmp") in err[0]
+    assert "the last good checkpoint is iteration 2 (still published)" in err[0]
+    assert sorted(os.listdir(save)) == ["iter_0000002", checkpointing.TRACKER]
+    assert (save / checkpointing.TRACKER).read_text() == "2"
+    os.remove(small_disk / "filler")  # space again: the run resumes from 2
+    resumed = run_inprocess(tiny_args("--train-iters", 4, "--load", save, "--save", save, mock=True))
+    assert [h["iteration"] for h in resumed.history] == [3, 4]

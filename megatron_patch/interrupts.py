@@ -1,0 +1,40 @@
+"""Ctrl-C (SIGINT) in the entry points (pretrain_gpt.py, tools/): one line and exit status 130
+(128 + SIGINT, as a shell reports it), never a KeyboardInterrupt traceback.
+
+- `during_startup(prog)`: the first thing a script does. Until `run_main` takes over, SIGINT
+  exits at once with one line: the imports (torch, megatron-core) take seconds, and nothing has
+  been written yet.
+- `run_main(prog, main)`: SIGINT raises KeyboardInterrupt again, so the code's own clean-up runs
+  (a checkpoint being written removes its .tmp, a preprocess its temporaries); main's return
+  value, or one line and 130.
+Imports nothing heavy: it runs before torch is imported.
+"""
+
+import os
+import signal
+import sys
+
+INTERRUPTED = 130
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def during_startup(prog: str) -> None:
+    def _exit(signum, frame):
+        if _rank0():
+            print(f"{prog}: interrupted (Ctrl-C) during start-up; nothing was written", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, _exit)
+
+
+def run_main(prog: str, main, *args) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main(*args)
+    except KeyboardInterrupt:
+        if _rank0():
+            print(f"{prog}: interrupted (Ctrl-C); stopped", file=sys.stderr, flush=True)
+        return INTERRUPTED
