@@ -13,7 +13,8 @@ import tempfile
 import torch
 
 from . import llama, megatron_io
-from .hf import ExportError, check_exportable, gpt2_config, hf_to_megatron_state, megatron_to_hf_state
+from .errors import ExportError
+from .hf import check_exportable, gpt2_config, hf_to_megatron_state, megatron_to_hf_state
 from .tokenizer_files import export_tokenizer
 
 TARGETS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}

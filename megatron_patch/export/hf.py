@@ -19,11 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.wesar import plain_state_dict
-
-
-class ExportError(ValueError):
-    """The checkpoint uses an option the target format cannot represent; the message names it."""
+from .errors import ExportError
 
 
 def unsupported_options(config, args) -> list:
@@ -68,6 +64,8 @@ def check_exportable(config, args) -> str:
 def source_state(model) -> dict:
     """The model's tensors in plain form (WeSaR gates folded, megatron_patch.wesar.plain_state_dict),
     fp32 copies, without the `_extra_state` entries (fp8 metadata and the like)."""
+    from megatron_patch.wesar import plain_state_dict  # imports megatron-core: only when exporting
+
     return {k: v.detach().float().clone() for k, v in plain_state_dict(model).items()
             if not k.endswith("_extra_state")}
 

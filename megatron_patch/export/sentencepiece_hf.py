@@ -24,7 +24,7 @@ Known difference: BPE merges whose merged piece can be made from two different s
 leftmost-first by sentencepiece and in rank order here; none occurred on the tests' corpora.
 """
 
-from .hf import ExportError
+from .errors import ExportError
 
 # sentencepiece_model.proto ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

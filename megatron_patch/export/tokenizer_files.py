@@ -11,7 +11,7 @@ Returns a short note saying which, recorded in the export's config.
 import os
 import shutil
 
-from .hf import ExportError
+from .errors import ExportError
 
 # Spaces (leading, doubled, trailing), newlines, tabs, digits, punctuation, accents, CJK, emoji, and
 # the literal names of special pieces: the cases where tokenizer conversions usually go wrong.
