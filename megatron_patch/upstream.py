@@ -8,6 +8,7 @@ differs between releases on any device.
 """
 
 import os
+import warnings
 from importlib import metadata
 
 import torch
@@ -74,6 +75,14 @@ def load_common_state(path: str) -> dict:
     release. Under 0.16-0.18 a 0.19 checkpoint's common state is read straight from the
     torch_dist files (as 0.19's `load_common_state_dict` does), so the caller can name the
     release that wrote it; the sharded part of such a checkpoint does not load there."""
+    # Reading outside a process group, torch.distributed.checkpoint warns on stderr that it
+    # assumes a single process, which is what is meant: that one warning is not passed on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        return _load_common_state(path)
+
+
+def _load_common_state(path: str) -> dict:
     from megatron.core import dist_checkpointing
 
     if COMMON_STATE_IN_TORCH_DIST or common_state_location(path) == "common.pt" \

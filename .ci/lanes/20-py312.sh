@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash .ci/wait_prepared.sh py312-venv
+.venv312/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .  # see the preparation
 [ -x .venv/bin/python ] || bash tools/setup_env.sh dev  # lane 10 leaves it behind
 .venv312/bin/python -c '
 import sys
@@ -15,5 +16,5 @@ from megatron_patch import upstream
 assert sys.version_info[:2] == (3, 12) and upstream.VERSION >= Version("0.19"), (sys.version, upstream.VERSION)
 print("lane 20: Python", sys.version.split()[0], "megatron-core", upstream.VERSION)'
 MEGATRON_PATCH_REFERENCE_PYTHON="$PWD/.venv/bin/python" \
-    .venv312/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/cross_version \
+    .venv312/bin/python -m pytest -q -rs -p no:cacheprovider tests/unit tests/cross_version \
     tests/distributed/test_mixed_precision_parallel.py

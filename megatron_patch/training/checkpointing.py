@@ -434,6 +434,8 @@ def describe_load_failure(exc) -> str:
         inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
         if isinstance(inner, EOFError):
             return f"rank {rank}: a tensor file (.distcp) ended early: truncated (EOFError)"
+        if "metadata read failed" in str(inner):  # how torch.distributed.checkpoint reports a bad .metadata
+            return f"its .metadata or common state is truncated or corrupt ({type(inner).__name__}: {_first_line(inner)})"
         return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     if type(exc).__name__ in ("UnpicklingError", "EOFError"):
         return f"its .metadata or common state is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"

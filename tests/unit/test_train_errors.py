@@ -53,7 +53,7 @@ def test_heads_and_batch_divisibility(capsys, monkeypatch):
 @pytest.mark.parametrize("damage, message", [
     ("tracker_text", "unreadable checkpoint tracker"),
     ("tracker_points_nowhere", "is missing"),
-    ("truncated_shards", "cannot load checkpoint"),
+    ("truncated_shards", "a tensor file (.distcp) ended early"),
     ("garbage_common", "unreadable checkpoint"),
 ])
 def test_unreadable_checkpoint_overwrites_nothing(tmp_path, capsys, saved, damage, message):
