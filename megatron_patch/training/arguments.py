@@ -6,6 +6,7 @@ no process group, model or data read, so a bad flag fails in a second with one l
 """
 
 import argparse
+import math
 
 from megatron_patch import capabilities
 from megatron_patch.stability_flags import add_stability_args
@@ -53,6 +54,42 @@ def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     return parser
 
 
+# Numeric flags and the values that make sense: (low, high, low included, high included); None:
+# unbounded. Every float flag must also be finite (a NaN lr reached torch's Adam as a traceback).
+RANGES = {
+    "lr": (0, None, True, None), "min_lr": (0, None, True, None), "lr_warmup_init": (0, None, True, None),
+    "lr_warmup_fraction": (0, 1, True, True),
+    "weight_decay": (0, None, True, None), "start_weight_decay": (0, None, True, None),
+    "end_weight_decay": (0, None, True, None),
+    "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False), "adam_eps": (0, None, True, None),
+    "sgd_momentum": (0, None, True, None),
+    "hidden_dropout": (0, 1, True, True), "attention_dropout": (0, 1, True, True),
+    "rotary_percent": (0, 1, False, True), "norm_epsilon": (0, None, True, None),
+    "init_method_std": (0, None, True, None), "embedding_init_method_std": (0, None, True, None),
+    "loss_scale": (0, None, False, None), "initial_loss_scale": (0, None, False, None),
+    "min_loss_scale": (0, None, False, None), "z_loss_coeff": (0, None, True, None),
+    "exit_duration_in_mins": (0, None, False, None),
+}
+INFINITE_OK = {"exit_duration_in_mins"}  # inf: never stop for time
+
+
+def _check_numbers(parser, args) -> None:
+    """Refuse a non-finite float flag, or one outside RANGES, naming the flag and the range."""
+    for action in parser._actions:
+        if action.type is not float or getattr(args, action.dest, None) is None:
+            continue
+        flag, value = action.option_strings[0], getattr(args, action.dest)
+        if math.isnan(value) or (math.isinf(value) and action.dest not in INFINITE_OK):
+            raise SetupError(f"{flag} {value}: must be a finite number")
+        low, high, low_in, high_in = RANGES.get(action.dest, (None, None, None, None))
+        too_low = low is not None and (value < low or (value == low and not low_in))
+        too_high = high is not None and (value > high or (value == high and not high_in))
+        if too_low or too_high:
+            bounds = (f"{'[' if low_in else '('}{low}, " if low is not None else "(-inf, ") + \
+                     (f"{high}{']' if high_in else ')'}" if high is not None else "inf)")
+            raise SetupError(f"{flag} {value}: must lie in {bounds}")
+
+
 def _raise_setup_error(message):
     raise SetupError(message)
 
@@ -67,6 +104,7 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     from megatron_patch.deepspeed.config import validate_deepspeed_args
     from megatron_patch.monitor.callback import validate_monitor_args
 
+    _check_numbers(build_parser(), args)
     world_size = initialize.world_size_from_env() if world_size is None else world_size
     args.world_size = world_size
     on_cuda = capabilities.on_cuda()

@@ -81,6 +81,12 @@ def validate_checkpointing_args(args) -> None:
                                      "stops without saving anything")
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise SetupError(f"--load {args.load} is not a directory")
+    if args.load and not os.path.exists(args.load):  # a typo would silently start from iteration 0
+        if not args.save or os.path.abspath(args.save) != os.path.abspath(args.load):
+            raise SetupError(f"--load {args.load}: no such directory; check the path (a fresh run needs no --load; "
+                             "a job that resumes where it saves gives --load and --save the same directory)")
+        args.checkpoint_notes.append(f"--load {args.load} does not exist yet (it is also --save): starting from "
+                                     "scratch")
     if args.finetune:
         args.no_load_optim = args.no_load_rng = True
 
@@ -333,6 +339,8 @@ def read_checkpoint_header(args, vocab_size, padded_vocab_size):
     None. Cheap (reads the tracker and the common state): done before datasets and model are built."""
     found = find_checkpoint(args)
     if found is None:
+        if os.path.isdir(args.load) and _rank0():
+            print(f" > --load {args.load} holds no checkpoint ({TRACKER} missing): starting from scratch", flush=True)
         return None
     path, _ = found
     common = read_common_state(path, "resume it with --deepspeed and the same --deepspeed-config")

@@ -86,6 +86,11 @@ def validate_model_args(args) -> None:
     if args.num_attention_heads % tp:
         raise SetupError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
                          f"--tensor-model-parallel-size {tp}")
+    if args.group_query_attention and (args.num_query_groups < 1
+                                       or args.num_attention_heads % args.num_query_groups):
+        raise SetupError(f"--num-query-groups {args.num_query_groups} does not divide --num-attention-heads "
+                         f"{args.num_attention_heads}; give a divisor of the head count (each group shares "
+                         "one key/value head)")
     if args.group_query_attention and args.num_query_groups % tp:
         raise SetupError(f"--num-query-groups {args.num_query_groups} is not divisible by TP {tp}")
     if args.kv_channels is None and args.hidden_size % args.num_attention_heads:

@@ -91,6 +91,14 @@ def test_save_under_a_file_fails_at_start_up(corpus, tmp_path, capsys):
     (["--split", "a,b,c"], "--split 'a,b,c': expected up to three numbers"),
     (["--num-layers", 0], "--num-layers 0: must be >= 1"),
     (["--global-batch-size", 0], "--global-batch-size 0: must be >= 1"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", -1], "--lr -1.0: must lie in [0, inf)"),
+    (["--adam-beta2", 1], "--adam-beta2 1.0: must lie in [0, 1)"),
+    (["--hidden-dropout", 1.5], "--hidden-dropout 1.5: must lie in [0, 1]"),
+    (["--spike-zscore", "nan"], "--spike-zscore nan: must be a finite number"),
+    (["--group-query-attention", "--num-query-groups", 3], "--num-query-groups 3 does not divide "
+                                                           "--num-attention-heads 4"),
 ])
 def test_settings_that_make_no_sense_are_refused(corpus, capsys, extra, named):
     assert named in one_error_line(capsys, tiny_args("--train-iters", 3, *extra, data=corpus))

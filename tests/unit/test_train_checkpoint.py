@@ -9,7 +9,7 @@ import torch
 
 from megatron_patch.training import checkpointing
 from megatron_patch.training.callbacks import Callback
-from tests.train_helpers import losses, run_inprocess, tiny_args
+from tests.train_helpers import losses, one_error_line, run_inprocess, tiny_args
 
 
 def _params(ctx):
@@ -80,9 +80,19 @@ def test_initial_checkpoint_then_finetune_style_load(tmp_path):
     assert losses(a) == losses(b)  # weights come from the checkpoint, not from the init flags
 
 
-def test_missing_checkpoint_starts_fresh_like_megatron_lm(tmp_path):
-    ctx = run_inprocess(tiny_args("--train-iters", 3, "--load", tmp_path / "none", mock=True))
+def test_an_empty_load_directory_or_load_equal_to_save_starts_fresh_with_a_notice(tmp_path, capsys):
+    ctx = run_inprocess(tiny_args("--train-iters", 3, "--load", tmp_path, mock=True))  # exists, empty
     assert ctx.history[0]["iteration"] == 1
+    assert f"--load {tmp_path} holds no checkpoint" in capsys.readouterr().out
+    run_dir = tmp_path / "run"  # a job that resumes where it saves: the first submission
+    ctx = run_inprocess(tiny_args("--train-iters", 3, "--load", run_dir, "--save", run_dir, mock=True))
+    assert ctx.history[0]["iteration"] == 1
+    assert f"--load {run_dir} does not exist yet (it is also --save): starting from scratch" in capsys.readouterr().out
+
+
+def test_a_load_directory_that_does_not_exist_is_refused(tmp_path, capsys):
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, "--load", tmp_path / "typo", mock=True))
+    assert f"--load {tmp_path / 'typo'}: no such directory" in line
 
 
 def test_crash_while_resaving_an_iteration_falls_back_to_the_previous_copy(tmp_path):
