@@ -24,7 +24,7 @@ import torch
 
 from megatron_patch import upstream
 
-from . import checkpoint_keys, optimizer, rng_state
+from . import checkpoint_keys, optimizer, rng_state, shared_storage
 from .errors import SetupError
 from .model_builder import activation_name, model_flag_differences, padded_vocab_size_on_resume, unwrap
 
@@ -252,6 +252,7 @@ def publish(root, iteration):
     """Once every rank has written iteration's tmp directory: rename it and point the tracker at it."""
     final = _iter_dir(root, iteration)
     _barrier()
+    shared_storage.check_complete(final + ".tmp", iteration)  # every rank's files visible to rank 0
     if _rank0():
         if os.path.isdir(final):  # re-saving the same iteration: keep the old one until replaced
             shutil.rmtree(final + ".old", ignore_errors=True)

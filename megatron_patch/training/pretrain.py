@@ -27,12 +27,13 @@ def _checkpoints(args):
 
 def build(args, callbacks=None):
     """Process groups, tokenizer, data, model, optimizer, checkpoint: a ready TrainContext."""
-    from . import data, initialize, model_builder, optimizer
+    from . import data, initialize, model_builder, optimizer, shared_storage
     from .logging import TrainingLogger
     from .loop import TrainContext, TrainState, wire_schedule_config
 
     ckpt = _checkpoints(args)
     runtime = initialize.initialize_distributed(args)
+    shared_storage.prove_same_directories(args)  # a per-node --save would lose the run silently
     tokenizer = data.build_tokenizer(args)
     if not args.mock_data:
         data.check_vocabulary(args, tokenizer)
