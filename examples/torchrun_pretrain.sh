@@ -13,6 +13,9 @@
 #   --master-port PORT  MASTER_PORT    rendezvous port, multi-node only (default 29500)
 #   --rdzv-id ID        RDZV_ID        run id shared by the nodes (default SLURM_JOB_ID, else megatron_patch)
 #   --python PY         PYTHON         interpreter with megatron_patch installed (default .venv/bin/python, else python3)
+#   --socket-ifname IF  SOCKET_IFNAME  network interface for Gloo and NCCL between the nodes (sets
+#                                      GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME); needed where a
+#                                      node's hostname resolves to an address other nodes cannot reach
 # One node uses torchrun --standalone (a free local port), so several runs can share a machine.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +29,7 @@ rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-megatron_patch}}"
 # shellcheck source=tools/find_python.sh
 source "$root/tools/find_python.sh"
 python="$(find_python "$root")"
+ifname="${SOCKET_IFNAME:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --nproc-per-node) nproc="${2:?}"; shift 2 ;;
@@ -34,6 +38,7 @@ while [ $# -gt 0 ]; do
         --master-port) master_port="${2:?}"; shift 2 ;;
         --rdzv-id) rdzv_id="${2:?}"; shift 2 ;;
         --python) python="${2:?}"; shift 2 ;;
+        --socket-ifname) ifname="${2:?}"; shift 2 ;;
         --) shift; break ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
         *) die "unknown option $1; pretrain_gpt.py flags go after --" ;;
@@ -51,7 +56,10 @@ else
     launch=(--nnodes "$nnodes" --rdzv-backend c10d --rdzv-endpoint "$master_addr:$master_port"
             --rdzv-id "$rdzv_id")
 fi
-echo "torchrun_pretrain.sh: $(hostname): $nnodes node(s) x $nproc process(es)" >&2
+if [ -n "$ifname" ]; then
+    export GLOO_SOCKET_IFNAME="$ifname" NCCL_SOCKET_IFNAME="$ifname"
+fi
+echo "torchrun_pretrain.sh: $(hostname): $nnodes node(s) x $nproc process(es)${ifname:+, interface $ifname}" >&2
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m torch.distributed.run "${launch[@]}" --nproc-per-node "$nproc" \
     "$root/pretrain_gpt.py" "$@"

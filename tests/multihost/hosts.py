@@ -100,6 +100,15 @@ class TwoHosts:
         self.procs.append(proc)
         return proc
 
+    def start_here(self, argv, log: Path, env=None) -> subprocess.Popen:
+        """Start argv on this machine (outside the namespaces, e.g. a munged both nodes share);
+        stopped by down()."""
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(list(map(str, argv)), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
     def run(self, node: int, argv, env=None, timeout=60, cwd=None) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(node, argv), env=env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
@@ -115,6 +124,10 @@ class TwoHosts:
                 return int(kids[0])
             time.sleep(0.1)
         raise RuntimeError(f"process {proc.pid} has no child")
+
+    def kill(self, proc: subprocess.Popen, sig: str = "TERM"):
+        """Send a signal to what `start` exec'd on a node (e.g. the trainer: SIGTERM saves and exits)."""
+        os.kill(self.trainer_pid(proc), getattr(signal, f"SIG{sig}"))
 
     def mount_private(self, proc: subprocess.Popen, source: Path, target: Path):
         """Mount `source` over `target` inside a running node's mount namespace (storage that stops

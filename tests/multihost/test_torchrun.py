@@ -67,8 +67,8 @@ def test_dp_tp_pp_spanning_two_hosts_match_one_host(two_hosts, tmp_path):
     flags = {name: TINY + ["--train-iters", str(ITERS)] + extra for name, extra in LAYOUTS.items()}
     baselines = {name: one_host(flags[name], tmp_path, name) for name in LAYOUTS}
     # The interface for Gloo (and NCCL) named explicitly, as on hosts with several interfaces.
-    ifname = {"GLOO_SOCKET_IFNAME": IFNAME, "NCCL_SOCKET_IFNAME": IFNAME}
-    runs = {name: start_on_two_hosts(two_hosts, flags[name], tmp_path, name, port=29400 + i, node_env=ifname)
+    runs = {name: start_on_two_hosts(two_hosts, flags[name], tmp_path, name, port=29400 + i,
+                                     node_env={"SOCKET_IFNAME": IFNAME})
             for i, name in enumerate(LAYOUTS)}
     for name in LAYOUTS:
         assert baselines[name].wait(timeout=300) == 0, (tmp_path / f"{name}-one-host.log").read_text()[-3000:]
@@ -76,7 +76,8 @@ def test_dp_tp_pp_spanning_two_hosts_match_one_host(two_hosts, tmp_path):
         assert sorted(expected) == list(range(1, ITERS + 1))
         codes, logs = finish(runs[name], tmp_path, name)
         assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
-        assert "node1: 2 node(s) x 1 process(es)" in logs[0] and "node2: 2 node(s) x 1 process(es)" in logs[1]
+        banner = f"2 node(s) x 1 process(es), interface {IFNAME}"
+        assert f"node1: {banner}" in logs[0] and f"node2: {banner}" in logs[1]
         assert losses("".join(logs)) == expected, name  # exact: the same printed digits at every iteration
         for log in logs:
             assert_quiet(log)

@@ -1,0 +1,78 @@
+"""A --save (or --load) the nodes do not share never passes silently. Each node gets its own
+directory at the same path (a bind mount in node2's private mount namespace), the cluster
+mistake that otherwise publishes a checkpoint holding one node's shards and exits 0."""
+
+import re
+import sys
+import time
+
+import pytest
+
+from tests.multihost.test_torchrun import ROOT, TINY, env, on_two_hosts
+
+ERROR = "pretrain_gpt.py: error: "
+
+
+def error_lines(log: str) -> list:
+    return [line for line in log.splitlines() if line.startswith(ERROR)]
+
+
+@pytest.mark.slow
+def test_per_node_save_is_refused_at_start_up_in_one_line(two_hosts, tmp_path):
+    save, private = tmp_path / "ckpt", tmp_path / "node2-disk"
+    save.mkdir()
+    private.mkdir()
+    flags = TINY + ["--train-iters", "3", "--save", str(save), "--load", str(save)]
+    codes, logs = on_two_hosts(two_hosts, flags, tmp_path, "save", binds=((), ((private, save),)))
+    assert codes[0] != 0 and codes[1] != 0
+    assert error_lines(logs[1]) == []  # only rank 0 prints it
+    [line] = error_lines(logs[0])
+    assert re.fullmatch(rf"{ERROR}--save {save} on node2 \(rank 1\) is not the directory rank 0 \(node1\) "
+                        r"writes to .*; put it on storage every node mounts at that path .*", line), line
+    assert not re.search(r"iteration\s+1/", logs[0] + logs[1])  # refused before any training
+    assert sorted(p.name for p in save.iterdir()) == []  # lock and nonce removed, nothing written
+    assert sorted(p.name for p in private.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_per_node_load_is_refused_at_start_up_in_one_line(two_hosts, tmp_path):
+    """--load (read-only, so no nonce) is compared: node2 sees no checkpoint where node1 sees one."""
+    load, private, save = tmp_path / "pretrained", tmp_path / "node2-disk", tmp_path / "ckpt"
+    private.mkdir()
+    codes, logs = on_two_hosts(two_hosts, TINY + ["--train-iters", "2", "--save", str(load)], tmp_path, "first")
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
+    flags = TINY + ["--train-iters", "4", "--save", str(save), "--load", str(load)]
+    codes, logs = on_two_hosts(two_hosts, flags, tmp_path, "load", binds=((), ((private, load),)))
+    assert codes[0] != 0 and codes[1] != 0
+    [line] = error_lines(logs[0])
+    assert line.startswith(f"{ERROR}--load {load} on node2 (rank 1) does not hold what rank 0 (node1) sees"), line
+    assert not re.search(r"iteration\s+3/", logs[0] + logs[1])
+
+
+@pytest.mark.slow
+def test_checkpoint_is_not_published_when_a_rank_wrote_where_rank_0_cannot_see(two_hosts, tmp_path):
+    """--save stops being shared mid-run (node2 remounts it after the start-up proof passed); the
+    SIGTERM checkpoint that follows is refused in one line and never published."""
+    save, private = tmp_path / "ckpt", tmp_path / "node2-disk"
+    private.mkdir()
+    flags = TINY + ["--train-iters", "100000", "--save", str(save), "--exit-signal-handler"]
+    logs = [tmp_path / f"node{n + 1}.log" for n in range(2)]
+    procs = []
+    for n in range(2):  # one plain process per node (as srun starts them): RANK and the master in the environment
+        e = env(RANK=str(n), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="node1", MASTER_PORT="29500")
+        procs.append(two_hosts.start(n, [sys.executable, "pretrain_gpt.py", *flags], logs[n], env=e, cwd=ROOT))
+    deadline = time.time() + 240
+    while not re.search(r"iteration\s+2/", logs[0].read_text()):
+        assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+        time.sleep(0.5)
+    two_hosts.mount_private(procs[1], private, save)
+    two_hosts.kill(procs[0], "TERM")  # save and exit, on every rank
+    codes = [p.wait(timeout=120) for p in procs]
+    text = [log.read_text() for log in logs]
+    assert codes[0] != 0 and codes[1] != 0, text
+    [line] = error_lines(text[0])
+    assert re.fullmatch(rf"{ERROR}checkpoint of iteration \d+ not published: \d+ file\(s\) written by node2 "
+                        rf"\(rank 1\) are missing from {save}/iter_\d+\.tmp as rank 0 \(node1\) sees it; "
+                        r"--save is not shared storage: put it on storage every node mounts .*", line), line
+    assert not (save / "latest_checkpointed_iteration.txt").exists()
+    assert not [p for p in save.iterdir() if re.fullmatch(r"iter_\d+", p.name)]  # nothing published
