@@ -8,6 +8,7 @@ from megatron_patch.interrupts import INTERRUPTED
 from .arguments import parse_and_validate
 from .callbacks import CallbackList
 from .errors import SetupError, TrainingDiverged
+from .peers import PeerLost
 
 
 def _is_rank0() -> bool:
@@ -27,13 +28,14 @@ def _checkpoints(args):
 
 def build(args, callbacks=None):
     """Process groups, tokenizer, data, model, optimizer, checkpoint: a ready TrainContext."""
-    from . import data, initialize, model_builder, optimizer, shared_storage
+    from . import data, initialize, model_builder, optimizer, peers, shared_storage
     from .logging import TrainingLogger
     from .loop import TrainContext, TrainState, wire_schedule_config
 
     ckpt = _checkpoints(args)
     runtime = initialize.initialize_distributed(args)
     shared_storage.prove_same_directories(args)  # a per-node --save would lose the run silently
+    peers.start_heartbeat()  # so that a node lost mid-run is named, not just timed out
     tokenizer = data.build_tokenizer(args)
     if not args.mock_data:
         data.check_vocabulary(args, tokenizer)
@@ -87,14 +89,14 @@ def run(argv=None, callbacks=None):
     """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history).
     `callbacks` (see callbacks.py) are called before those the flags ask for (the stability
     monitor), so a test can inject a fault that the monitor must then catch."""
-    from . import checkpointing, child_processes, initialize, save_dir
+    from . import checkpointing, child_processes, initialize, peers, save_dir
     from .loop import train
     from .rollback import ensure_rollback_point, make_rollback_fn
 
     args = parse_and_validate(argv)
     child_processes.die_with_parent()  # forked checkpoint writers and loaders must not outlive us
     callbacks = list(callbacks or []) + callbacks_from_args(args)
-    handler, iters, ctx = None, {}, None
+    handler, iters, ctx, keep_beating = None, {}, None, False
     lock = save_dir.prepare(args) if _is_rank0() else None  # before any heavy work
     if lock is not None and lock.notice:
         print(f" > {args.save}: {lock.notice}", flush=True)
@@ -122,9 +124,19 @@ def run(argv=None, callbacks=None):
         ctx.state = state
         ctx.logger.close()
         return ctx
+    except (SetupError, TrainingDiverged):
+        raise
+    except Exception as exc:
+        lost = peers.explain_lost(exc, args.distributed_timeout_minutes)
+        if lost is None:
+            raise
+        keep_beating = True  # ranks still diagnosing watch this one's heartbeat; it ends with the process
+        raise PeerLost(lost) from None
     finally:
         if handler is not None:
             handler.restore()
+        if not keep_beating:
+            peers.stop_heartbeat()
         # Closing twice is harmless; a rollback may have replaced the train iterators.
         for its in list(iters.values()) + [getattr(ctx, "train_iterators", None)]:
             for it in its or []:
@@ -151,4 +163,7 @@ def main(argv=None, callbacks=None) -> int:
             print("pretrain_gpt.py: interrupted (Ctrl-C): stopped without saving; --load resumes from the last "
                   "checkpoint, and --exit-signal-handler makes Ctrl-C save one first", file=sys.stderr, flush=True)
         return INTERRUPTED
+    except PeerLost as exc:  # printed by every rank: each names the peer it lost
+        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

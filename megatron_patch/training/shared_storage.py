@@ -127,8 +127,8 @@ def prove_same_directories(args) -> None:
     if args.save:
         lost = _prove_save(args.save, rank)
         if lost:
-            raise SetupError(f"--save {args.save} is not the directory rank 0 ({hosts[0]}) writes to on "
-                             f"{_who(lost, hosts)}: a file written there is not seen there; {FIX}")
+            raise SetupError(f"--save {args.save} on {_who(lost, hosts)} is not the directory rank 0 "
+                             f"({hosts[0]}) writes to (a file rank 0 wrote there is not visible); {FIX}")
     if args.load and not (args.save and os.path.realpath(args.load) == os.path.realpath(args.save)):
         lost = _prove_load(args.load, rank)
         if lost:

@@ -129,6 +129,10 @@ class TwoHosts:
         """Send a signal to what `start` exec'd on a node (e.g. the trainer: SIGTERM saves and exits)."""
         os.kill(self.trainer_pid(proc), getattr(signal, f"SIG{sig}"))
 
+    def link(self, node: int, up: bool):
+        """Take a node's network link down (the node vanishes for the other one) or up again."""
+        _ip("-n", self.netns[node], "link", "set", IFNAME, "up" if up else "down")
+
     def mount_private(self, proc: subprocess.Popen, source: Path, target: Path):
         """Mount `source` over `target` inside a running node's mount namespace (storage that stops
         being shared mid-run)."""

@@ -3,12 +3,10 @@ directory at the same path (a bind mount in node2's private mount namespace), th
 mistake that otherwise publishes a checkpoint holding one node's shards and exits 0."""
 
 import re
-import sys
-import time
 
 import pytest
 
-from tests.multihost.test_torchrun import ROOT, TINY, env, on_two_hosts
+from tests.multihost.test_torchrun import TINY, on_two_hosts, start_plain, wait_for_iteration
 
 ERROR = "pretrain_gpt.py: error: "
 
@@ -56,19 +54,12 @@ def test_checkpoint_is_not_published_when_a_rank_wrote_where_rank_0_cannot_see(t
     save, private = tmp_path / "ckpt", tmp_path / "node2-disk"
     private.mkdir()
     flags = TINY + ["--train-iters", "100000", "--save", str(save), "--exit-signal-handler"]
-    logs = [tmp_path / f"node{n + 1}.log" for n in range(2)]
-    procs = []
-    for n in range(2):  # one plain process per node (as srun starts them): RANK and the master in the environment
-        e = env(RANK=str(n), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="node1", MASTER_PORT="29500")
-        procs.append(two_hosts.start(n, [sys.executable, "pretrain_gpt.py", *flags], logs[n], env=e, cwd=ROOT))
-    deadline = time.time() + 240
-    while not re.search(r"iteration\s+2/", logs[0].read_text()):
-        assert time.time() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
-        time.sleep(0.5)
+    procs = start_plain(two_hosts, flags, tmp_path, "run")
+    wait_for_iteration(procs[0], tmp_path / "run-node1.log", 2)
     two_hosts.mount_private(procs[1], private, save)
     two_hosts.kill(procs[0], "TERM")  # save and exit, on every rank
     codes = [p.wait(timeout=120) for p in procs]
-    text = [log.read_text() for log in logs]
+    text = [(tmp_path / f"run-node{n + 1}.log").read_text() for n in range(2)]
     assert codes[0] != 0 and codes[1] != 0, text
     [line] = error_lines(text[0])
     assert re.fullmatch(rf"{ERROR}checkpoint of iteration \d+ not published: \d+ file\(s\) written by node2 "
