@@ -12,7 +12,9 @@ everything the command started (SIGKILL to the namespace's init). The bind mount
 directory of its own at a shared path: storage the nodes do not share.
 
 Needs root, `ip` (iproute2), nsenter and unshare (util-linux); `why_unavailable()` says which is
-missing. Namespace names carry the pid, so parallel sessions on one machine do not collide.
+missing. Namespace names carry the pid (or MULTIHOST_TAG), so parallel sessions on one machine
+do not collide; every process started here lives in one of the two network namespaces, so
+`ip netns pids NAME` finds whatever a killed session left behind.
 """
 
 import os
@@ -53,7 +55,8 @@ class TwoHosts:
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
-        tag = f"mp{os.getpid() % 100000}"
+        # MULTIHOST_TAG lets a caller (the CI lane) find and remove what a killed session left.
+        tag = os.environ.get("MULTIHOST_TAG") or f"mp{os.getpid() % 100000}"
         self.netns = (f"{tag}n1", f"{tag}n2")
         self._veth = (f"{tag}a", f"{tag}b")
         self.hosts_file = self.workdir / "hosts"
@@ -97,15 +100,6 @@ class TwoHosts:
         with open(log, "ab") as out:
             proc = subprocess.Popen(self.command(node, argv, binds), stdout=out, stderr=subprocess.STDOUT,
                                     env=env, cwd=cwd, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def start_here(self, argv, log: Path, env=None) -> subprocess.Popen:
-        """Start argv on this machine (outside the namespaces, e.g. a munged both nodes share);
-        stopped by down()."""
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(list(map(str, argv)), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 

@@ -1,6 +1,7 @@
-"""A two-node Slurm on the two hosts of hosts.py: slurmctld and a slurmd on node1, a slurmd on
-node2, one munged on this machine that both use (its socket is a file; network namespaces do
-not hide it). Every daemon runs in the foreground under TwoHosts, so TwoHosts.down() stops it.
+"""A two-node Slurm on the two hosts of hosts.py: munged, slurmctld and a slurmd on node1, a
+slurmd on node2. The nodes share node1's munged (its socket is a file, which network namespaces
+do not hide; a real cluster runs one munged per node with one key). Every daemon runs in the
+foreground under TwoHosts, so TwoHosts.down() stops it.
 Needs Debian's slurmctld, slurmd, slurm-client and munge (tests/slurm/install.sh)."""
 
 import os
@@ -33,7 +34,7 @@ class TwoNodeSlurm:
         key = state / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self.hosts.start_here(["munged", "--foreground", "--force", f"--key-file={key}",
+        self.hosts.start(0, ["munged", "--foreground", "--force", f"--key-file={key}",
                                f"--socket={state}/munge.socket", f"--pid-file={state}/munged.pid",
                                f"--log-file={state}/munged.log", f"--seed-file={state}/munged.seed"],
                               state / "munged.out")
