@@ -1,5 +1,5 @@
-"""Checkpoint fixes for megatron-core's optimizers (0.16.1 .. 0.19.x), mostly its DistributedOptimizer over
-torch's Adam/AdamW.
+"""Checkpoint fixes for megatron-core's optimizers (0.16.1 to 0.19.x), mostly its DistributedOptimizer
+over torch's Adam/AdamW.
 
 0. Any optimizer that has not stepped yet has no state, so its checkpoint lacks the moments a
    resumed run asks for, and that load fails. It happens whenever every step so far was skipped,
