@@ -1,8 +1,9 @@
 """Synchronous dist_checkpointing saves without a spawn-context manager process.
 
 megatron-core's torch_dist writer (0.16.1 to 0.19.x,
-`dist_checkpointing/strategies/filesystem_async.py`) collects write results through a queue made by `multiprocessing.get_context("spawn").Manager()`,
-created on the first save of every process, even for synchronous saves. That manager is a new
+`dist_checkpointing/strategies/filesystem_async.py`) collects write results through a queue made
+by `multiprocessing.get_context("spawn").Manager()`, created on the first save of every process,
+even for synchronous saves. That manager is a new
 Python process that re-imports the `__main__` module: it costs seconds at the first save of each
 rank, and without an `if __name__ == "__main__":` guard in the entry script the save fails or
 hangs (facts §2.8).
