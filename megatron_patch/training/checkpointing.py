@@ -356,6 +356,12 @@ def read_checkpoint_header(args, vocab_size, padded_vocab_size):
     if differences:
         raise SetupError(f"checkpoint {path} was trained with other model flags: {'; '.join(differences)}; "
                          "resume with the checkpoint's values")
+    saved_seed = common["args"].get("seed")
+    if saved_seed is not None and saved_seed != args.seed and not args.finetune and _rank0():
+        # GPTDataset shuffles with --seed: the consumed-sample count then points into another order.
+        print(f" > --seed {args.seed} differs from the checkpoint's {saved_seed}: the data order is reshuffled from "
+              "here (samples already trained on may repeat, others be skipped); resume with "
+              f"--seed {saved_seed} to continue its order", flush=True)
     if not args.no_load_optim and common["has_optimizer"] \
             and common["use_distributed_optimizer"] != args.use_distributed_optimizer:
         raise SetupError("the checkpoint's optimizer state was saved "

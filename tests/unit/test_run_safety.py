@@ -49,6 +49,11 @@ def test_flags_free_on_resume_still_resume(corpus, saved):
     assert [h["iteration"] for h in ctx.history] == [5, 6, 7, 8]
 
 
+def test_a_resume_with_another_seed_says_the_data_order_changes(corpus, saved, capsys):
+    run_inprocess(tiny_args("--train-iters", 8, "--load", saved, "--seed", 5, data=corpus))
+    assert "--seed 5 differs from the checkpoint's 1234: the data order is reshuffled" in capsys.readouterr().out
+
+
 def test_a_fresh_run_does_not_overwrite_a_saved_run(corpus, saved, capsys):
     line = one_error_line(capsys, tiny_args("--train-iters", 3, "--save", saved, data=corpus))
     assert "already holds a run (latest checkpoint: iteration 4)" in line and "--overwrite-checkpoints" in line
