@@ -94,6 +94,8 @@ def check_args(args) -> None:
                                  ".bin/.idx; make it with tools/preprocess_data.py)")
     else:
         check_input(args.input)
+    if args.output_json and os.path.isdir(args.output_json):
+        raise SetupError(f"--output-json {args.output_json} is a directory; give a file name")
     if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
         raise SetupError(f"--output-json {args.output_json}: its directory does not exist; create it first")
     for flag in ("seq_length", "stride", "micro_batch_size"):

@@ -11,7 +11,7 @@ import math
 from megatron_patch import capabilities
 from megatron_patch.stability_flags import add_stability_args
 
-from . import checkpointing, data, initialize, logging, loop, model_builder, optimizer
+from . import checkpointing, data, initialize, logging, loop, model_builder, optimizer, save_dir
 from .errors import SetupError
 
 
@@ -120,6 +120,11 @@ def validate_args(args, world_size=None) -> argparse.Namespace:
     data.validate_data_args(args)
     checkpointing.validate_checkpointing_args(args)
     logging.validate_logging_args(args)
+    for flag, path in (("--tensorboard-dir", args.tensorboard_dir), ("--wandb-save-dir", args.wandb_save_dir),
+                       ("--monitor-dir", getattr(args, "monitor_dir", None))):  # checked as --save is
+        problem = path and save_dir.output_dir_problem(flag, path)
+        if problem:
+            raise SetupError(problem)
     validate_monitor_args(args, fail=_raise_setup_error)
     validate_deepspeed_args(args)  # no-op without --deepspeed
     from megatron_patch.config import StabilityConfigError, stability_kwargs  # imports megatron-core

@@ -121,3 +121,18 @@ def _refuse_overwriting_a_run(args) -> None:
         latest = f.read().strip()
     raise SetupError(f"--save {args.save} already holds a run (latest checkpoint: iteration {latest}); resume "
                      f"it with --load {args.save}, choose another --save, or pass --overwrite-checkpoints")
+
+
+def output_dir_problem(flag: str, path: str):
+    """One line if `path` cannot become a directory we write to, else None. Creates nothing (a
+    refused run leaves no trace): the path, or its nearest existing ancestor, must be a writable
+    directory. As root every directory is writable, so what is caught there is a file in the way."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe}"
+        return f"{flag} {path} {where}; give a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {probe} is not writable; choose a directory you can write to"
+    return None

@@ -269,3 +269,18 @@ def test_ctrl_c_at_start_up_is_one_line(tmp_path, script):
     name = os.path.basename(script)
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, (proc.returncode, err[-2000:])
     assert err.startswith(f"{name}: interrupted (Ctrl-C)"), err
+
+
+@pytest.mark.parametrize("flag", ["--tensorboard-dir", "--wandb-save-dir", "--monitor-dir"])
+def test_output_directories_are_checked_at_start_up_as_save_is(corpus, tmp_path, capsys, flag):
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(capsys, tiny_args("--train-iters", 3, flag, tmp_path / "file" / "out", data=corpus))
+    assert f"{flag} {tmp_path / 'file' / 'out'} lies under the file {tmp_path / 'file'}; give a directory" in line
+
+
+def test_evaluate_refuses_an_output_json_that_is_a_directory(corpus, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate
+
+    assert evaluate.main(["--load", str(tmp_path), "--data-path", str(corpus), "--output-json", str(tmp_path)]) == 1
+    assert f"--output-json {tmp_path} is a directory" in capsys.readouterr().err
