@@ -6,8 +6,8 @@ and 3 (examples/deepspeed/zero*.json). Segments alternate inside one launch (meg
 zero2, zero3, megatron, ...), so drifts in machine speed hit every engine; the median step time
 of each is compared with the Megatron engine's.
 
-    PYTHONPATH=. python benchmarks/bench_deepspeed.py            # ~4 minutes on 2 CPU cores
-    PYTHONPATH=. python benchmarks/bench_deepspeed.py --quick    # smaller, ~1 minute
+    python -m benchmarks.bench_deepspeed            # ~4 minutes on 2 CPU cores
+    python -m benchmarks.bench_deepspeed --quick    # smaller, ~1 minute
 """
 
 import argparse
@@ -35,9 +35,9 @@ def parse():
 
 
 def launch() -> int:
-    """Re-run this file under torchrun with 2 processes (one core each)."""
+    """Re-run this module under torchrun with 2 processes (one core each)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, *sys.argv[1:]]
+           "-m", __spec__.name, *sys.argv[1:]]
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 
 

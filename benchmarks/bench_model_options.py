@@ -5,7 +5,7 @@ round) in one process, so machine drift hits them alike; the median over rounds 
 its ratio to stock. Also prints parameter counts: the options add only scalars / one norm, never a
 copy of a weight.
 
-    python benchmarks/bench_model_options.py [--layers 6 --hidden 256 --seq 256 --batch 8 --rounds 7]
+    python -m benchmarks.bench_model_options [--layers 6 --hidden 256 --seq 256 --batch 8 --rounds 7]
 """
 
 import argparse

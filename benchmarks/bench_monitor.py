@@ -5,7 +5,7 @@ process so machine drift hits both; compares the median step time. "On" means wh
 run: `--monitor-interval 100 --spike-policy skip` (one compact record and a grad-norm check every
 step, per-layer statistics every 100 steps).
 
-    PYTHONPATH=. python benchmarks/bench_monitor.py [--iters 60 --rounds 3 --interval 100]
+    python -m benchmarks.bench_monitor [--iters 60 --rounds 3 --interval 100]
         [--distributed-optimizer]   (the paper configs' optimizer; the monitor reads its shards)
         [--profile]                 also: one "on" run under cProfile, the time spent inside the
                                     monitor's hooks as a share of the whole run (noise-free)

@@ -12,7 +12,7 @@ they are a steadier measure of the overhead than wall time.
 
 Usage:
   python tools/prepare_corpus.py --output data/wiki.jsonl        # once
-  python benchmarks/bench_preprocess.py --input data/wiki.jsonl [--tokenizer-model M.model]
+  python -m benchmarks.bench_preprocess --input data/wiki.jsonl [--tokenizer-model M.model]
 Without --tokenizer-model it trains an 8k BPE model on the input first (about a second).
 """
 import argparse

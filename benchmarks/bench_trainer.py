@@ -5,8 +5,8 @@ same megatron-core forward_backward_func; the bare loop feeds pre-built batches 
 else (no data pipeline, logging, bookkeeping). Segments alternate (trainer, bare, trainer, ...)
 so drifts in machine speed hit both; the median step time of each is compared.
 
-    PYTHONPATH=. python benchmarks/bench_trainer.py            # ~2 minutes on 2 CPU cores
-    PYTHONPATH=. python benchmarks/bench_trainer.py --quick    # smaller, ~20 s
+    python -m benchmarks.bench_trainer            # ~2 minutes on 2 CPU cores
+    python -m benchmarks.bench_trainer --quick    # smaller, ~20 s
 """
 
 import argparse

@@ -9,7 +9,7 @@
 #   5. both checkpoints evaluated on the documents training held out (--split's validation part):
 #      perplexity, and LAMBADA-style last-word accuracy on passages made from them (tools/evaluate.py);
 #   6. the one with the lower held-out perplexity exported to Hugging Face (tools/convert_checkpoint.py).
-# The model and optimizer are one cell of the spike sweep (benchmarks/spike_sweep.py, seed 1, lr 3e-3):
+# The model and optimizer are one cell of the spike sweep (studies/spike_sweep.py, seed 1, lr 3e-3):
 # [SNM]'s small init sqrt(2/(5d)) at d 128, 8 layers, AdamW beta2 0.999, clip 1.0.
 # Environment overrides: ITERS (default 300), LR (3e-3), OUT (runs/quickstart), DATA (data/quickstart).
 set -euo pipefail

@@ -57,7 +57,7 @@ def add_monitor_args(parser):
     g.add_argument("--spike-window", type=int, default=64,
                    help="Healthy steps the statistics use (64: on the spike sweep's runs it caught as "
                         "many bursts as 32 with fewer false flags, and more than 128, whose window "
-                        "still held the early high norms; see benchmarks/spike_rule_eval.py).")
+                        "still held the early high norms; see studies/spike_rule_eval.py).")
     g.add_argument("--spike-min-history", type=int, default=16,
                    help="Healthy steps the detector needs before it can flag a spike.")
     g.add_argument("--spike-zscore", type=float, default=6.0, help="Flag x > mean + Z*std (<=0: off).")

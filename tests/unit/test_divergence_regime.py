@@ -1,4 +1,4 @@
-"""benchmarks/divergence_regime.py: each regime's flags reach the trainer, and a smoke run end to end."""
+"""studies/divergence_regime.py: each regime's flags reach the trainer, and a smoke run end to end."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks import divergence_regime as regime
+from studies import divergence_regime as regime
 from tests.train_helpers import ROOT, subprocess_env
 
 
@@ -34,7 +34,7 @@ def test_regime_settings_reach_the_trainer_flags(tmp_path):
 
 def test_smoke_regime_end_to_end(tmp_path):
     out = tmp_path / "regime"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "divergence_regime.py"), "--smoke", "--out", str(out)]
+    cmd = [sys.executable, "-m", "studies.divergence_regime", "--smoke", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     runs = json.loads((out / "results.json").read_text())["runs"]

@@ -37,7 +37,8 @@ def named_paths(text: str) -> set:
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose)
     ticked = [w for span in re.findall(r"`([^`]+)`", prose) for w in span.split()]
-    roots = ("docs/", "examples/", "tools/", "tests/", "benchmarks/", "megatron_patch/", "docker/", "results/")
+    roots = ("docs/", "examples/", "tools/", "tests/", "benchmarks/", "studies/", "megatron_patch/", "docker/",
+             "results/")
     out = set()
     for word in links + ticked:
         word = word.strip(",.;:()'\"")

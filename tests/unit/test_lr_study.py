@@ -1,5 +1,5 @@
-"""benchmarks/lr_study.py: lr sensitivity as Wortsman et al. define it, its slope against width,
-and a --smoke study end to end (resumed without retraining)."""
+"""studies/lr_study.py, lr_sensitivity.py: lr sensitivity as Wortsman et al. define it, its slope
+against width, and a --smoke study end to end (resumed without retraining)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import lr_study
+from studies import lr_sensitivity, lr_study
 from tests.train_helpers import ROOT, subprocess_env
 
 
@@ -36,11 +36,11 @@ def test_sensitivity_is_the_mean_excess_over_the_best_capped_at_init():
     results = {}
     # vanilla d32, seed 1: 6.0 at 1e-3, best 5.0 at 1e-2, non-finite at 1e-1 -> counts as init (9.0)
     for lr, v in ((1e-3, 6.0), (1e-2, 5.0), (1e-1, None)):
-        results[lr_study.run_name(32, "vanilla", lr, 1)] = _run(v)
+        results[lr_sensitivity.run_name(32, "vanilla", lr, 1)] = _run(v)
     # seed 2: a loss above init is capped at init
     for lr, v in ((1e-3, 6.5), (1e-2, 5.5), (1e-1, 12.0)):
-        results[lr_study.run_name(32, "vanilla", lr, 2)] = _run(v)
-    sens = lr_study.sensitivity(args, results)
+        results[lr_sensitivity.run_name(32, "vanilla", lr, 2)] = _run(v)
+    sens = lr_sensitivity.sensitivity(args, results)
     cell = sens[32, "vanilla"]
     assert cell["per_seed"] == pytest.approx([(6.0 + 5.0 + 9.0) / 3 - 5.0, (6.5 + 5.5 + 9.0) / 3 - 5.5])
     assert cell["high_side"] == pytest.approx([(5.0 + 9.0) / 2 - 5.0, (5.5 + 9.0) / 2 - 5.5])
@@ -55,16 +55,16 @@ def test_slope_against_log2_width_per_seed():
         for seed in (1, 2):
             for lr in args.lrs:
                 best = 5.0 + 0.01 * seed
-                results[lr_study.run_name(width, "vanilla", lr, seed)] = _run(
+                results[lr_sensitivity.run_name(width, "vanilla", lr, seed)] = _run(
                     best if lr == 1e-2 else best + 1.5 * excess)
-    sens = lr_study.sensitivity(args, results)
-    slope, per_seed = lr_study.slope_vs_width(args, sens, "vanilla")
+    sens = lr_sensitivity.sensitivity(args, results)
+    slope, per_seed = lr_sensitivity.slope_vs_width(args, sens, "vanilla")
     assert slope == pytest.approx(0.3) and per_seed == pytest.approx([0.3, 0.3])
 
 
 def test_baselines_table_compares_each_method_at_its_own_best_lr():
-    from benchmarks import lr_study_report as report
-    from benchmarks import spike_sweep as sweep
+    from studies import lr_study_report as report
+    from studies import spike_sweep as sweep
 
     args = lr_study.parse_args(["--widths", "64", "--methods", "vanilla,wesar", "--lrs", "1e-3,1e-2",
                                 "--seeds", "1", "--extra-methods-width", "64",
@@ -77,10 +77,10 @@ def test_baselines_table_compares_each_method_at_its_own_best_lr():
     for m, rate, best_lr in (("vanilla", 0.1, 1e-3), ("wesar", 0.2, 1e-2)):
         for lr in args.lrs:
             floor = 6.0 if lr == best_lr else 7.0
-            results[lr_study.run_name(64, m, lr, 1)] = dict(
+            results[lr_sensitivity.run_name(64, m, lr, 1)] = dict(
                 _run(floor), curve=curve(rate, floor), final_train_loss=sweep.summarize(curve(rate, floor), None, [], None, 1.0)["final_train_loss"],
                 loss_spikes=0, grad_spikes=2 if m == "vanilla" else 0, max_grad_norm=3.0)
-    lines = report.baselines_table(args, results, lr_study.sensitivity(args, results))
+    lines = report.baselines_table(args, results, lr_sensitivity.sensitivity(args, results))
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| vanilla") or
             line.startswith("| wesar")}
     # target: the worse best-lr run's final 20-step mean; vanilla's curve hits 6.0 at step 30, so its
@@ -91,16 +91,16 @@ def test_baselines_table_compares_each_method_at_its_own_best_lr():
 
 
 def test_vanillas_deficit_is_paired_by_seed():
-    from benchmarks import lr_study_report as report
+    from studies import lr_study_report as report
 
     args = _args()
     results = {}
     for seed, (v_best, s_best) in ((1, (6.0, 5.5)), (2, (6.2, 5.9))):
         for lr in args.lrs:
             for m, best in (("vanilla", v_best), ("scaled_embed", s_best)):
-                results[lr_study.run_name(32, m, lr, seed)] = _run(best if lr == 1e-2 else best + 1.0)
-    results[lr_study.run_name(64, "vanilla", 1e-3, 1)] = _run(6.0)  # d 64 incomplete: no cell
-    lines = report.deficit_table(args, lr_study.sensitivity(args, results))
+                results[lr_sensitivity.run_name(32, m, lr, seed)] = _run(best if lr == 1e-2 else best + 1.0)
+    results[lr_sensitivity.run_name(64, "vanilla", 1e-3, 1)] = _run(6.0)  # d 64 incomplete: no cell
+    lines = report.deficit_table(args, lr_sensitivity.sensitivity(args, results))
     assert "| d 32 | +0.400 ± 0.141 (n=2) |" in lines and "| d 64 |  |" in lines
 
 
@@ -113,13 +113,13 @@ def test_wesar_init_sigma_uses_the_small_init_sigma_of_its_width():
 
 def test_smoke_study_end_to_end(tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "lr_study.py"), "--smoke", "--methods",
+    cmd = [sys.executable, "-m", "studies.lr_study", "--smoke", "--methods",
            "vanilla,wesar_init_sigma", "--out", str(out), "--jobs", "2"]
     done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     runs = json.loads((out / "results.json").read_text())["runs"]
     # vanilla at both widths, WeSaR at the extra width only; 2 lrs each
-    assert sorted(runs) == sorted(lr_study.run_name(d, m, lr, 1) for d, m in
+    assert sorted(runs) == sorted(lr_sensitivity.run_name(d, m, lr, 1) for d, m in
                                   ((32, "vanilla"), (64, "vanilla"), (64, "wesar_init_sigma")) for lr in (1e-3, 1e-2))
     table = (out / "table.md").read_text()
     assert "| d 64 | " in table and "Slope of lr sensitivity" in table and "| vanilla | " in table

@@ -1,4 +1,4 @@
-"""benchmarks/spike_sweep.py: the --smoke sweep end to end, and how runs are judged."""
+"""studies/spike_sweep.py: the --smoke sweep end to end, and how runs are judged."""
 
 import json
 import math
@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from benchmarks import spike_sweep as sweep
+from studies import spike_sweep as sweep
 from tests.train_helpers import ROOT, subprocess_env
 
 
 def test_smoke_sweep_trains_every_method_and_writes_table_and_plots(tmp_path):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "spike_sweep.py"), "--smoke", "--out", str(out)]
+    cmd = [sys.executable, "-m", "studies.spike_sweep", "--smoke", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     runs = json.loads((out / "results.json").read_text())["runs"]

@@ -13,8 +13,8 @@ best smoothed value and never came back). Then it writes a markdown table and tw
     loss_by_lr.png       per lr, every method's loss curve (mean over seeds)
     val_loss_vs_lr.png   best validation loss (mean over seeds) vs lr, per method
 
-    PYTHONPATH=. python benchmarks/spike_sweep.py --out results/spike_sweep     # the full sweep
-    PYTHONPATH=. python benchmarks/spike_sweep.py --smoke --out /tmp/sweep        # seconds (CI)
+    python -m studies.spike_sweep --out results/spike_sweep     # the full sweep
+    python -m studies.spike_sweep --smoke --out /tmp/sweep        # seconds (CI)
 
 Runs go to OUT/runs/<name>/ (log, monitor.jsonl, result.json); a finished run is not re-run, so
 an interrupted sweep continues where it stopped. `--jobs N` trains N runs at once, each on one
@@ -34,7 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from megatron_patch.training.callbacks import Callback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from megatron_patch.plotting import pyplot, save_figure
+from studies.cli import comma_list, known_names
 
 # [SNM] = Takase et al., "Spike No More"; [WeSaR] = Nishida et al. Vanilla is the usual Megatron
 # recipe (scaled init, small embeddings); each method adds one flag of this package.
@@ -82,12 +83,8 @@ def parse_args(argv=None):
                    help="tiny model, random tokens, 1 lr, 1 seed, 6 steps: checks the whole pipeline")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    args.lrs = [float(x) for x in args.lrs.split(",") if x]
-    args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    args.methods = known_names(p, args.methods, METHODS)
+    args.lrs, args.seeds = comma_list(args.lrs, float), comma_list(args.seeds, int)
     if args.smoke:
         args.lrs, args.seeds, args.iters, args.warmup = args.lrs[:1], args.seeds[:1], 6, 2
         args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length = 2, 64, 4, 32
@@ -194,7 +191,6 @@ def read_spikes(run_dir):
 def _init_worker():
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, ROOT)
 
 
 def train_one(job):
@@ -347,9 +343,7 @@ def write_table(args, cells, path, wall_s):
 
 
 def plot(args, results, cells, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, (len(args.methods) + 1) // 2, figsize=(5 * ((len(args.methods) + 1) // 2), 8),
                              sharey=True, squeeze=False)
@@ -368,9 +362,7 @@ def plot(args, results, cells, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes.flat[0].set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "loss_curves.png"), dpi=110)
 
     lrs = sorted(args.lrs)
     fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 4), sharey=True, squeeze=False)
@@ -387,9 +379,7 @@ def plot(args, results, cells, out):
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("training loss")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_by_lr.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "loss_by_lr.png"), dpi=110)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in args.methods:
@@ -404,9 +394,7 @@ def plot(args, results, cells, out):
     ax.set_ylabel("validation loss (mean over non-diverged seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "val_loss_vs_lr.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "val_loss_vs_lr.png"), dpi=110)
 
 
 def main(argv=None):

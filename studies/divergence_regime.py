@@ -9,8 +9,8 @@ sqrt(d) cannot lift a d-5120 sigma to ~1 at d 64 (0.0088 * 8 = 0.07), so the fix
 Embed LN, Scaled Embed and a sigma = 1 embedding init. Search in two stages: `--seeds 1` over
 every regime (the probe), then 3+ seeds on the regimes where Vanilla failed.
 
-    PYTHONPATH=. python benchmarks/divergence_regime.py --regimes big_sigma_no_clip --seeds 1,2,3
-    PYTHONPATH=. python benchmarks/divergence_regime.py --smoke --out /tmp/regime      # seconds (CI)
+    python -m studies.divergence_regime --regimes big_sigma_no_clip --seeds 1,2,3
+    python -m studies.divergence_regime --smoke --out /tmp/regime      # seconds (CI)
 
 Runs go to OUT/runs/<regime>_<method>_s<seed>/ and resume like the sweep's. A run "diverged"
 when its loss went non-finite or ended > --diverge-margin nats above its best (smoothed) value;
@@ -28,8 +28,9 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import spike_sweep as sweep  # noqa: E402
+from megatron_patch.plotting import pyplot, save_figure
+from studies import spike_sweep as sweep
+from studies.cli import comma_list, known_names
 
 # init_std None = small init sqrt(2/(5d)); clip 0 = no gradient clipping.
 REGIMES = {
@@ -66,13 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="one regime, 2 methods, 8 steps, tiny model")
     args, rest = p.parse_known_args(argv)
     args.recipe = sweep.parse_args(rest + (["--smoke"] if args.smoke else []))
-    args.regimes = [r for r in args.regimes.split(",") if r]
-    args.methods = [m for m in args.methods.split(",") if m]
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    for given, known, what in ((args.regimes, REGIMES, "regime"), (args.methods, METHODS, "method")):
-        bad = [x for x in given if x not in known]
-        if bad:
-            p.error(f"unknown {what}(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    args.regimes = known_names(p, args.regimes, REGIMES, "regime")
+    args.methods = known_names(p, args.methods, METHODS)
+    args.seeds = comma_list(args.seeds, int)
     if args.smoke:
         args.regimes, args.methods, args.seeds = args.regimes[:1], args.methods[:2], args.seeds[:1]
     return args
@@ -164,9 +161,7 @@ def table(args, results, wall_s):
 
 
 def plot(args, results, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     regimes = [r for r in args.regimes if any(run_name(r, m, s) in results for m in args.methods for s in args.seeds)]
     if not regimes:
@@ -188,9 +183,7 @@ def plot(args, results, out):
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("training loss, 20-step mean (every seed)")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "loss_curves.png"), dpi=110)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ sigma = sqrt(2/(5d)) shrinks with d, [SNM v2] Eq. 9-10, v4 Eq. 12-14 [unverified
 flat. The figure is computed per seed (the same seed at every lr), then reported as mean ± sd,
 with its slope against log2(d).
 
-Every run is a real `pretrain_gpt.py` training from `benchmarks/spike_sweep.py` (same recipe:
+Every run is a real `pretrain_gpt.py` training from `studies/spike_sweep.py` (same recipe:
 8 layers, seq 128, batch 8, AdamW, cosine schedule, monitor in log mode), with head dim 32 at
 every width. Runs go to OUT/runs/<name>/; finished ones are not re-run, so an interrupted study
 resumes (each run's result.json, curve included, is committed, so a later session on another
@@ -21,24 +21,24 @@ match: the same flags on another machine agreed to the last digit for 18 steps, 
 apart by float rounding to 0.08 nats of final loss at lr 1e-2 — as large as a change of seed.
 A run is one sample of that noise; the seed spread reported covers it.
 
-    PYTHONPATH=. python benchmarks/lr_study.py --out results/lr_study --jobs 2
-    PYTHONPATH=. python benchmarks/lr_study.py --smoke --out /tmp/lr_study      # seconds (CI)
+    python -m studies.lr_study --out results/lr_study --jobs 2
+    python -m studies.lr_study --smoke --out /tmp/lr_study      # seconds (CI)
 """
 
 import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import spike_sweep as sweep  # noqa: E402
+from studies import lr_study_report as report
+from studies import spike_sweep as sweep
+from studies.cli import comma_list, known_names
+from studies.lr_sensitivity import methods_at, run_name, sensitivity
 
-# label -> (spike_sweep method, extra settings). Every width gets the first three; WIDE_ONLY
-# methods run at --extra-methods-width only (the budget: they answer "how does X compare", not
-# "how does it scale").
-EVERY_WIDTH = ("vanilla", "scaled_embed", "embed_layernorm")
+# label -> (spike_sweep method, extra settings). Every width gets lr_sensitivity.EVERY_WIDTH; the
+# other methods run at --extra-methods-width only (the budget: they answer "how does X compare",
+# not "how does it scale").
 METHODS = {
     "vanilla": ("vanilla", {}),
     "scaled_embed": ("scaled_embed", {}),
@@ -70,27 +70,15 @@ def parse_args(argv=None):
     args, rest = p.parse_known_args(argv)
     # The training recipe's flags are spike_sweep's (--iters, --seq-length, --adam-beta2, ...).
     args.recipe = sweep.parse_args(rest + (["--smoke"] if args.smoke else []))
-    args.widths = [int(x) for x in args.widths.split(",") if x]
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    args.lrs = [float(x) for x in args.lrs.split(",") if x]
-    args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    args.widths = comma_list(args.widths, int)
+    args.methods = known_names(p, args.methods, METHODS)
+    args.lrs, args.seeds = comma_list(args.lrs, float), comma_list(args.seeds, int)
     if args.smoke:
         args.widths, args.lrs, args.seeds, args.extra_methods_width = [32, 64], [1e-3, 1e-2], [1], 64
     bad = [d for d in args.widths if d % args.head_dim]
     if bad:
         p.error(f"width(s) {bad} are not multiples of --head-dim {args.head_dim}")
     return args
-
-
-def methods_at(args, width):
-    return [m for m in args.methods if m in EVERY_WIDTH or width == args.extra_methods_width]
-
-
-def run_name(width, method, lr, seed):
-    return f"d{width}_{method}_lr{lr:g}_s{seed}"
 
 
 def init_std(recipe, width):
@@ -122,69 +110,11 @@ def plan(args):
     return results, jobs
 
 
-def final_loss(run):
-    """(validation loss capped at the loss at init, loss at init); a run with no finite
-    validation loss counts as the loss at init."""
-    first = next((c[1] for c in run["curve"] if c[1] is not None), None)
-    init = first if first is not None else float("nan")
-    val = run.get("val_loss")
-    return (init if val is None else min(val, init)), init
-
-
-def sensitivity(args, results):
-    """{(width, method): {"per_seed": [...], "best_per_seed": {seed: best}, "mean", "sd", "high_side": [...], "best_lr",
-    "losses": {lr: [per seed]}}}
-    over the (width, method) cells whose every lr is done for at least one seed."""
-    out = {}
-    for width in args.widths:
-        for method in methods_at(args, width):
-            losses, per_seed, high_side, best_of = {lr: [] for lr in args.lrs}, [], [], {}
-            lrs = sorted(args.lrs)
-            for seed in args.seeds:
-                runs = [results.get(run_name(width, method, lr, seed)) for lr in lrs]
-                if any(r is None for r in runs):
-                    continue
-                capped = [final_loss(r)[0] for r in runs]
-                for lr, v in zip(lrs, capped):
-                    losses[lr].append(v)
-                best = best_of[seed] = min(capped)
-                per_seed.append(statistics.fmean(capped) - best)
-                # The instability side alone: the same excess over the grid's top lrs only (at the
-                # bottom, the excess measures too few steps, not instability).
-                top = [v for lr, v in zip(lrs, capped) if lr >= args.high_from]
-                high_side.append(statistics.fmean(top) - best if top else float("nan"))
-            if per_seed:
-                means = {lr: statistics.fmean(v) for lr, v in losses.items()}
-                out[width, method] = dict(per_seed=per_seed, best_per_seed=best_of, mean=statistics.fmean(per_seed),
-                                          sd=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
-                                          high_side=high_side,
-                                          best_lr=min(means, key=means.get), best_loss=min(means.values()),
-                                          losses=losses)
-    return out
-
-
-def slope_vs_width(args, sens, method):
-    """Least-squares slope of lr sensitivity against log2(width): (of the seed means, [per seed])."""
-    widths = [d for d in args.widths if (d, method) in sens]
-    if len(widths) < 2:
-        return None, []
-
-    def fit(ys):
-        xs = [math.log2(d) for d in widths]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
-    n = min(len(sens[d, method]["per_seed"]) for d in widths)
-    return fit([sens[d, method]["mean"] for d in widths]), [
-        fit([sens[d, method]["per_seed"][i] for d in widths]) for i in range(n)]
-
-
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results, jobs = plan(args)
     wall = sweep.train_all(results, jobs, args.jobs)
-    from benchmarks import lr_study_report as report
     sens = sensitivity(args, results)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": {k: v for k, v in vars(args).items() if k != "recipe"},

@@ -1,11 +1,12 @@
-"""Tables and plots of `benchmarks/lr_study.py`: final loss per lr, lr sensitivity per width, and
+"""Tables and plots of `studies/lr_study.py`: final loss per lr, lr sensitivity per width, and
 its slope against width."""
 
 import os
 import statistics
 
-from benchmarks.lr_study import final_loss, methods_at, run_name, slope_vs_width
-from benchmarks.spike_sweep import smoothed_curve, steps_to
+from megatron_patch.plotting import pyplot, save_figure
+from studies.lr_sensitivity import final_loss, methods_at, run_name, slope_vs_width
+from studies.spike_sweep import smoothed_curve, steps_to
 
 
 def _pm(values, spec=".3f"):
@@ -127,9 +128,7 @@ def baselines_table(args, results, sens):
 
 
 def plot(args, sens, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colors = {m: f"C{i}" for i, m in enumerate(args.methods)}  # one color per method in every panel
     widths = [d for d in args.widths if any((d, m) in sens for m in args.methods)]
@@ -151,9 +150,7 @@ def plot(args, sens, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes.flat[0].set_ylabel("final val loss (capped at init; mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "final_loss_vs_lr.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "final_loss_vs_lr.png"), dpi=110)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4), squeeze=False)
     gaps = deficits(sens)
@@ -176,6 +173,4 @@ def plot(args, sens, out):
     axes[0, 0].set_ylabel("lr sensitivity (nats; mean ± sd over seeds)")
     axes[0, 2].set_ylabel("vanilla's deficit (nats; mean ± sd over seeds)")
     axes[0, 2].axhline(0, color="gray", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "lr_sensitivity_vs_width.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "lr_sensitivity_vs_width.png"), dpi=110)

@@ -2,7 +2,7 @@
 (the quickstart model: 8 layers, d 128, small init, lr 3e-3, seed 1), whose gradient norm bursts
 right after warm-up, run with the monitor measuring every step, against Scaled Embed.
 
-    PYTHONPATH=. python benchmarks/update_norm_lead.py [--data data/quickstart] [--steps 60]
+    python -m studies.update_norm_lead [--data data/quickstart] [--steps 60]
 
 Needs the quickstart's data (bash examples/quickstart.sh, or its first three commands). Prints,
 per run, the steps where each signal first exceeds FACTOR x its median over the previous steps

@@ -1,8 +1,8 @@
 """Choose the spike detector's defaults with evidence: replay megatron_patch's SpikeDetector over the
-per-step curves of a spike sweep (benchmarks/spike_sweep.py's results.json) for a grid of windows
+per-step curves of a spike sweep (studies/spike_sweep.py's results.json) for a grid of windows
 and z thresholds, and count what each rule catches and what it flags wrongly.
 
-    python benchmarks/spike_rule_eval.py [--results results/spike_sweep/results.json]
+    python -m studies.spike_rule_eval [--results results/spike_sweep/results.json]
 
 Reference events ("bursts"), defined independently of the rules under test: a step whose
 gradient norm exceeds BURST_FACTOR x the median of the BURST_CONTEXT steps before it (after
@@ -22,9 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_patch.monitor.spike_detector import SpikeDetector  # noqa: E402
+from megatron_patch.monitor.spike_detector import SpikeDetector
 
 BURST_FACTOR, BURST_CONTEXT, FIRST_STEP = 10.0, 32, 10
 FIXES = ("scaled_embed", "embed_layernorm")
