@@ -1,7 +1,7 @@
 """export_to_hf / import_from_hf: what tools/convert_checkpoint.py runs.
 
 GPT-2-shaped models (LayerNorm, GELU, learned positions) export to GPT2LMHeadModel, Llama-shaped
-ones (RMSNorm, SwiGLU, RoPE, GQA) to LlamaForCausalLM; hf.check_exportable decides. The export is
+ones (RMSNorm, SwiGLU, RoPE, GQA) to LlamaForCausalLM; check_exportable decides. The export is
 written to a temporary sibling directory and renamed into place only when complete.
 """
 
@@ -14,10 +14,31 @@ import torch
 
 from . import llama, megatron_io
 from .errors import ExportError
-from .hf import check_exportable, gpt2_config, hf_to_megatron_state, megatron_to_hf_state
+from .hf import gpt2_config, hf_to_megatron_state, megatron_to_hf_state
+from .hf import unsupported_options as gpt2_unsupported_options
 from .tokenizer_files import export_tokenizer
 
 TARGETS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def check_exportable(config, args) -> str:
+    """The export target, "gpt2" or "llama": the one that represents every option of the model.
+    Raises ExportError naming the flags each target lacks (GPT-2's alone for a model that uses none
+    of RMSNorm, SwiGLU, RoPE)."""
+    embed_ln = ["--embed-layernorm (Embed LN: neither GPT-2 nor Llama has a norm on the embedding output)"] \
+        if config.embed_layernorm else []
+    gpt2 = gpt2_unsupported_options(config, args) + embed_ln
+    llama_bad = llama.unsupported_options(config, args) + embed_ln
+    if not gpt2:
+        return "gpt2"
+    if not llama_bad:
+        return "llama"
+    llama_shaped = (config.normalization == "RMSNorm" or config.gated_linear_unit
+                    or args.position_embedding_type == "rope")
+    message = "cannot export to GPT-2: the checkpoint uses " + "; ".join(gpt2)
+    if llama_shaped:
+        message += "; nor to Llama: the checkpoint uses " + "; ".join(llama_bad)
+    raise ExportError(message)
 
 
 def _eod(args, vocab_size):

@@ -1,5 +1,5 @@
-"""Megatron GPTModel <-> Hugging Face GPT2LMHeadModel: tensor names, layouts and exact folds; and
-which of the two export targets (GPT-2 here, Llama in llama.py) a checkpoint goes to.
+"""Megatron GPTModel <-> Hugging Face GPT2LMHeadModel: tensor names, layouts and exact folds. Which
+of the two export targets (GPT-2 here, Llama in llama.py) a checkpoint goes to: convert.py.
 
 Layouts:
   - Megatron's fused QKV rows are grouped per head: [q_0, k_0, v_0, q_1, k_1, v_1, ...] (each hn
@@ -11,15 +11,13 @@ Folds (exact functions, not approximations):
     the output layer then keeps the unscaled table and is untied.
   - Embed Detach changes gradients only: the forward, and so the export, is the plain model.
   - No bias (--disable-bias-linear): GPT-2 always has biases; they are exported as zeros.
-Options neither GPT-2 nor Llama can compute raise ExportError naming the flag.
+Options neither GPT-2 nor Llama can compute raise ExportError naming the flag (convert.check_exportable).
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
-
-from .errors import ExportError
 
 
 def unsupported_options(config, args) -> list:
@@ -38,27 +36,6 @@ def unsupported_options(config, args) -> list:
         ("--apply-residual-connection-post-layernorm", config.apply_residual_connection_post_layernorm),
     ]
     return [name for name, bad in checks if bad]
-
-
-def check_exportable(config, args) -> str:
-    """The export target, "gpt2" or "llama": the one that represents every option of the model.
-    Raises ExportError naming the flags each target lacks (GPT-2's alone for a model that uses none
-    of RMSNorm, SwiGLU, RoPE)."""
-    from . import llama
-
-    embed_ln = ["--embed-layernorm (Embed LN: neither GPT-2 nor Llama has a norm on the embedding output)"] \
-        if config.embed_layernorm else []
-    gpt2, llama_bad = unsupported_options(config, args) + embed_ln, llama.unsupported_options(config, args) + embed_ln
-    if not gpt2:
-        return "gpt2"
-    if not llama_bad:
-        return "llama"
-    llama_shaped = (config.normalization == "RMSNorm" or config.gated_linear_unit
-                    or args.position_embedding_type == "rope")
-    message = "cannot export to GPT-2: the checkpoint uses " + "; ".join(gpt2)
-    if llama_shaped:
-        message += "; nor to Llama: the checkpoint uses " + "; ".join(llama_bad)
-    raise ExportError(message)
 
 
 def source_state(model) -> dict:

@@ -1,8 +1,9 @@
 """pretrain_gpt.py's command line: Megatron-LM's flag names, grouped, plus the stabilization flags.
 
 Each group is defined next to the code that uses it (model_builder, loop, optimizer, data,
-checkpointing, logging, initialize); this module assembles them and runs every check that needs
-no process group, model or data read, so a bad flag fails in a second with one line.
+checkpointing, logging, initialize), except --dry-run's, defined here because dry_run.py reads this
+parser; this module assembles them and runs every check that needs no process group, model or data
+read, so a bad flag fails in a second with one line.
 """
 
 import argparse
@@ -31,11 +32,21 @@ class _Parser(argparse.ArgumentParser):
         raise SetupError(f"{message} (see --help)")
 
 
+def add_dry_run_args(parser):
+    """--dry-run and its flags (the plan itself: dry_run.py)."""
+    g = parser.add_argument_group("dry run", "Plan a run: parameters, memory per GPU, tokens and FLOPs "
+                                             "per step; builds nothing.")
+    g.add_argument("--dry-run", action="store_true", help="Print the plan and exit (1 if it does not fit).")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="Memory of one GPU in GB (1e9 bytes) for the fit check (default 80).")
+    g.add_argument("--world-size", dest="dry_run_world_size", type=int, default=None,
+                   help="Dry run only: GPUs to plan for (default WORLD_SIZE, else NNODES x GPUS_PER_NODE, else 1).")
+    return parser
+
+
 def build_parser(prog="pretrain_gpt.py") -> argparse.ArgumentParser:
     from megatron_patch.deepspeed.config import add_deepspeed_args
     from megatron_patch.monitor.callback import add_monitor_args
-
-    from .dry_run import add_dry_run_args
 
     parser = _Parser(prog=prog, allow_abbrev=False, formatter_class=_HelpFormatter,
                      description="GPT pre-training on megatron-core with Megatron-LM's flags and "

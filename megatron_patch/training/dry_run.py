@@ -31,17 +31,6 @@ GB = 1e9
 ASSUMED_PEAK_TFLOPS, ASSUMED_MFU = 989.0, 0.40
 
 
-def add_dry_run_args(parser):
-    g = parser.add_argument_group("dry run", "Plan a run: parameters, memory per GPU, tokens and FLOPs "
-                                             "per step; builds nothing.")
-    g.add_argument("--dry-run", action="store_true", help="Print the plan and exit (1 if it does not fit).")
-    g.add_argument("--gpu-memory-gb", type=float, default=80.0,
-                   help="Memory of one GPU in GB (1e9 bytes) for the fit check (default 80).")
-    g.add_argument("--world-size", dest="dry_run_world_size", type=int, default=None,
-                   help="Dry run only: GPUs to plan for (default WORLD_SIZE, else NNODES x GPUS_PER_NODE, else 1).")
-    return parser
-
-
 def planned_world_size(flag=None) -> int:
     if flag:
         return flag
@@ -316,9 +305,7 @@ def _as_on_cuda():
 def build_parser():
     from .arguments import build_parser as trainer_parser
 
-    parser = trainer_parser(prog="python -m megatron_patch.training.dry_run")
-    if "--dry-run" not in parser._option_string_actions:
-        add_dry_run_args(parser)
+    parser = trainer_parser(prog="python -m megatron_patch.training.dry_run")  # has --dry-run's flags
     g = parser.add_argument_group("layout chooser")
     g.add_argument("--choose-layout", action="store_true",
                    help="Choose TP/PP/micro-batch for --world-size GPUs, print the report, and the "

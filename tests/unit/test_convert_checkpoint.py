@@ -157,7 +157,7 @@ def test_failed_export_leaves_nothing_and_keeps_an_earlier_export(exported, tmp_
     (["--normalization", "RMSNorm", "--swiglu"], "--position-embedding-type learned_absolute (Llama uses rope)"),
 ])
 def test_unsupported_architectures_are_named(flags, named):
-    from megatron_patch.export.hf import check_exportable
+    from megatron_patch.export.convert import check_exportable
     from megatron_patch.training.arguments import build_parser
     from megatron_patch.training.model_builder import transformer_config_from_args, validate_model_args
 
