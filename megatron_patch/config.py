@@ -27,6 +27,25 @@ XAVIER = ("xavier", "plain")  # no depth scaling: SNM v4's name, and this packag
 WESAR_COMMON_STD = math.sqrt(4e-5)  # [WeSaR] common sigma^2 = 4e-5 [unverified]
 
 
+# The WeSaR settings that mean something only with wesar on: (field, its value when unused, the
+# command-line flag that sets it). StabilityConfig and the command line refuse them without wesar.
+WESAR_ONLY_SETTINGS = (
+    ("wesar_init_std", None, "--wesar-init-std"),
+    ("wesar_targets", "init", "--wesar-targets"),
+    ("wesar_fused_qkv_gate", False, "--wesar-fused-qkv-gate"),
+    ("wesar_gate_output_layer", True, "--wesar-no-output-gate"),
+    ("wesar_embedding_common_std", False, "--wesar-embedding-common-std"),
+    ("wesar_gate_side", "auto", "--wesar-gate-side"),
+)
+
+
+def wesar_settings_in_use(fields: dict) -> list:
+    """[(field, value, flag)] of the WESAR_ONLY_SETTINGS that `fields` (StabilityConfig field
+    values) sets to anything but their unused value."""
+    return [(field, fields[field], flag) for field, unused, flag in WESAR_ONLY_SETTINGS
+            if fields.get(field, unused) != unused]
+
+
 @dataclass
 class StabilityConfig(TransformerConfig):
     """TransformerConfig plus the loss-spike fixes of [SNM] and [WeSaR]."""
@@ -166,17 +185,11 @@ class StabilityConfig(TransformerConfig):
             fail(f"z_loss_coeff must be >= 0, got {self.z_loss_coeff}")
         if self.wesar_targets not in ("init", "he"):
             fail(f"wesar_targets must be 'init' or 'he', got {self.wesar_targets!r}")
-        wesar_only = [name for name, on in (
-            ("wesar_targets='he'", self.wesar_targets != "init"),
-            ("wesar_fused_qkv_gate", self.wesar_fused_qkv_gate),
-            ("wesar_gate_output_layer=False", not self.wesar_gate_output_layer),
-            ("wesar_embedding_common_std", self.wesar_embedding_common_std),
-            (f"wesar_gate_side={self.wesar_gate_side!r}", self.wesar_gate_side != "auto"),
-        ) if on]
         if self.wesar_gate_side not in ("auto", "weight", "activation"):
             fail(f"wesar_gate_side must be 'auto', 'weight' or 'activation', got {self.wesar_gate_side!r}")
+        wesar_only = wesar_settings_in_use(vars(self))
         if wesar_only and not self.wesar:
-            fail(f"{', '.join(wesar_only)} only apply with wesar=True")
+            fail(f"{', '.join(f'{field}={value!r}' for field, value, _ in wesar_only)} only apply with wesar=True")
         if self.wesar and self.attention_output_gate and not self.wesar_fused_qkv_gate:
             fail("attention_output_gate adds gate rows to the fused QKV output; use "
                  "wesar_fused_qkv_gate (one gate for the whole matrix) with it")
@@ -198,17 +211,7 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
     # The trainer leaves --init-method-std at None unless given, so the conflict is visible.
     if args.small_init and getattr(args, "init_method_std", None) is not None:
         raise StabilityConfigError("--small-init sets sigma itself; drop --init-method-std")
-    wesar_flags = [flag for flag, on in (
-        ("--wesar-init-std", args.wesar_init_std is not None),
-        ("--wesar-targets", getattr(args, "wesar_targets", "init") != "init"),
-        ("--wesar-fused-qkv-gate", getattr(args, "wesar_fused_qkv_gate", False)),
-        ("--wesar-no-output-gate", getattr(args, "wesar_no_output_gate", False)),
-        ("--wesar-embedding-common-std", getattr(args, "wesar_embedding_common_std", False)),
-        ("--wesar-gate-side", getattr(args, "wesar_gate_side", "auto") != "auto"),
-    ) if on]
-    if wesar_flags and not args.wesar:
-        raise StabilityConfigError(f"{' '.join(wesar_flags)} needs --wesar")
-    return dict(
+    kwargs = dict(
         init_style=args.init_style,
         small_init=args.small_init,
         scaled_embed=args.scaled_embed,
@@ -223,3 +226,7 @@ def stability_kwargs(args: argparse.Namespace) -> dict:
         wesar_gate_side=getattr(args, "wesar_gate_side", "auto"),
         z_loss_coeff=getattr(args, "z_loss_coeff", 0.0),
     )
+    wesar_flags = [flag for _, _, flag in wesar_settings_in_use(kwargs)]
+    if wesar_flags and not args.wesar:
+        raise StabilityConfigError(f"{' '.join(wesar_flags)} needs --wesar")
+    return kwargs
