@@ -64,5 +64,4 @@ if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore")
-    sys.path.insert(0, str(HERE.parents[1]))
     sys.exit(main())

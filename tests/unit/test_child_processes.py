@@ -8,11 +8,8 @@ import time
 
 import pytest
 
-from tests.train_helpers import ROOT
-
 PARENT = """
 import multiprocessing, os, sys, time
-sys.path.insert(0, {root!r})
 from megatron_patch.training.child_processes import die_with_parent
 if {install}:
     die_with_parent()
@@ -28,8 +25,7 @@ if __name__ == "__main__":
 
 def child_survives_parent_kill(tmp_path, install: bool) -> bool:
     pidfile = tmp_path / f"child{install}.pid"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(root=str(ROOT), install=install,
-                                                                   pidfile=str(pidfile))])
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(install=install, pidfile=str(pidfile))])
     for _ in range(200):
         if pidfile.exists() and pidfile.read_text():
             break

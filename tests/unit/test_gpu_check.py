@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 
+from tests.gpu import check
 from tests.train_helpers import ROOT, pretrain_cmd, subprocess_env, tiny_args
-
-sys.path.insert(0, str(ROOT / "tests" / "gpu"))
-import check  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the script")
