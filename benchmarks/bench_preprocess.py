@@ -22,13 +22,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, ROOT)
+from megatron_patch.tokenizer import build_tokenizer
+from tools import preprocess_data, train_tokenizer
 
-import preprocess_data  # noqa: E402
-import train_tokenizer  # noqa: E402
-from megatron_patch.tokenizer import build_tokenizer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_seconds() -> float:

@@ -14,7 +14,6 @@ written. Import (GPT-2 or Llama) writes an iteration-0, model-only checkpoint th
 """
 
 import argparse
-import os
 import sys
 import warnings
 
@@ -24,7 +23,6 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_patch import interrupts  # noqa: E402
 
 if __name__ == "__main__":  # Ctrl-C while torch and megatron-core import: one line

@@ -37,14 +37,12 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megatron_patch import interrupts  # noqa: E402
 
 if __name__ == "__main__":  # Ctrl-C while torch and megatron-core import: one line
     interrupts.during_startup("evaluate.py")
+from megatron_patch.documents import DataError, check_input, iter_documents  # noqa: E402
 from megatron_patch.training.errors import SetupError  # noqa: E402
-from preprocess_data import DataError, check_input, iter_documents  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,6 +19,8 @@ import re
 import statistics
 import sys
 
+from megatron_patch.plotting import pyplot, save_figure
+
 LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.eE+-]+|nan|inf)", re.IGNORECASE)
 GRAD_NORM = re.compile(r"grad norm: ([0-9.eE+-]+|nan|inf)")
 
@@ -69,11 +71,7 @@ def print_summary(runs):
 
 
 def plot_losses(runs, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, run in runs.items():
         xs = [s["iteration"] for s in run["steps"] if s.get("loss") is not None]
@@ -88,24 +86,18 @@ def plot_losses(runs, out):
     ax.set_ylabel("lm loss")
     ax.set_title("training loss (red x: detected spikes)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
 
 
 def grad_heatmap(name, run, out) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     measured = [s for s in run["steps"] if "grad_norm" in s]
     if not measured:
         return False
     layers = sorted({k.split("/")[0] for k in measured[0]["grad_norm"] if k.startswith("layer")})
-    grid = [[math.log10(max(1e-12, math.hypot(s["grad_norm"].get(f"{l}/attention", 0.0),
-                                              s["grad_norm"].get(f"{l}/ffn", 0.0))))
-             for s in measured] for l in layers]
+    grid = [[math.log10(max(1e-12, math.hypot(s["grad_norm"].get(f"{layer}/attention", 0.0),
+                                              s["grad_norm"].get(f"{layer}/ffn", 0.0))))
+             for s in measured] for layer in layers]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(layers) + 2))
     im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
                    extent=(measured[0]["iteration"], measured[-1]["iteration"], 0.5, len(layers) + 0.5))
@@ -113,9 +105,7 @@ def grad_heatmap(name, run, out) -> bool:
     ax.set_ylabel("layer")
     ax.set_title(f"{name}: log10 grad norm (attention + FFN) per layer")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return True
 
 

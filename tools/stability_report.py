@@ -11,7 +11,8 @@ tokens through it and prints per layer:
   1/sigma_x  the LN Jacobian factor [SNM v2] Eq. 9-10 predicts (v4: Eq. 12-14 [unverified])
   gain       measured ||J_LN^T g|| / ||g|| through that LN
   sigma_x'   std of the FFN LN input
-  ffn bound  [SNM]'s FFN bound (v4: Eq. 15 [unverified]) 1 + sigma1*sigma2/sigma_x' * (sqrt(d) + sqrt(d_ffn))^2 on ||dy/dx||
+  ffn bound  [SNM]'s FFN bound (v4: Eq. 15 [unverified]) on ||dy/dx||:
+             1 + sigma1*sigma2/sigma_x' * (sqrt(d) + sqrt(d_ffn))^2
   |g qkv|, |g fc1|  gradient norms of the layer's QKV and fc1 weights
 and flags layers whose predicted LN factor says gradients will be amplified (1/sigma_x > 10).
 
@@ -20,16 +21,13 @@ and flags layers whose predicted LN factor says gradients will be amplified (1/s
 
 import argparse
 import math
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.config import StabilityConfig, StabilityConfigError, stability_kwargs  # noqa: E402
-from megatron_patch.stability_flags import add_stability_args  # noqa: E402
-from megatron_patch.monitor.layer_stats import LayerNormProbes, layer_index  # noqa: E402
+from megatron_patch.config import StabilityConfig, StabilityConfigError, stability_kwargs
+from megatron_patch.monitor.layer_stats import LayerNormProbes, layer_index
+from megatron_patch.stability_flags import add_stability_args
 
 AMPLIFIED = 10.0
 VARIANTS = {
@@ -146,7 +144,8 @@ def main(argv=None):
         shallow, deep = rows[0]["g_qkv"], rows[-1]["g_qkv"]
         summary.append((name, rows[0]["attn_std"], max(r["attn_gain"] for r in rows), shallow / deep,
                         sum(1 / r["attn_std"] > AMPLIFIED for r in rows)))
-    print(f"\n== summary\n{'variant':<16} {'sigma_x L0':>10} {'max LN gain':>11} {'|g qkv| L0/Llast':>16} {'amplifying LNs':>14}")
+    print(f"\n== summary\n{'variant':<16} {'sigma_x L0':>10} {'max LN gain':>11} {'|g qkv| L0/Llast':>16} "
+          f"{'amplifying LNs':>14}")
     for name, s0, gain, ratio, n in summary:
         print(f"{name:<16} {s0:>10.4f} {gain:>11.2f} {ratio:>16.2f} {n:>14}")
 

@@ -20,8 +20,7 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from preprocess_data import DataError, iter_documents  # noqa: E402
+from megatron_patch.documents import DataError, add_input_args, iter_documents
 
 SPECIAL_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3)
 MAX_LINE_BYTES = 1 << 16  # longer lines are left out of training (sentencepiece's limit)
@@ -112,13 +111,7 @@ def train(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a sentencepiece tokenizer "
                                                  "(PREFIX.model, PREFIX.vocab; eod = eos id 2).")
-    parser.add_argument("--input", required=True, help="jsonl, or .txt with one document per line")
-    parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="keys whose text is used (default: text)")
-    parser.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
-                        help="auto: .txt is plain text, anything else jsonl")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip (and count) lines that are not valid JSON/UTF-8 or lack a key")
+    add_input_args(parser)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab")

@@ -10,15 +10,12 @@ move the NLL by ~0.27.
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from megatron_patch.export import megatron_io
 from tests.train_helpers import ROOT, make_corpus, run_inprocess, subprocess_env, tiny_args, torchrun_cmd
-
-sys.path.insert(0, str(ROOT / "tools"))
-import evaluate  # noqa: E402
+from tools import evaluate
 
 TOLERANCE = 1e-6
 

@@ -11,7 +11,6 @@ RoPE and GQA layouts are checked on a model whose attention is made sharp (tests
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -110,8 +109,7 @@ def test_embed_layernorm_is_refused_by_name(tmp_path, capsys):
     ckpt = train_checkpoint(tmp_path / "ckpt", "--embed-layernorm", iters=0)
     with pytest.raises(ExportError, match="--embed-layernorm"):
         export_to_hf(str(ckpt), str(tmp_path / "hf"))
-    sys.path.insert(0, str(ROOT / "tools"))
-    from convert_checkpoint import main
+    from tools.convert_checkpoint import main
 
     assert main(["--load", str(ckpt), "--to", "hf", "--output", str(tmp_path / "hf")]) == 1
     err = capsys.readouterr().err

@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
+from megatron_patch import documents
+from megatron_patch.tokenizer import build_tokenizer
+from tools import prepare_corpus, preprocess_data, train_tokenizer
 
-import prepare_corpus  # noqa: E402
-import preprocess_data  # noqa: E402
-import train_tokenizer  # noqa: E402
-from megatron_patch.tokenizer import build_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an are were be "
          "this which or first new one two also city river music war king science water light "
@@ -153,10 +151,10 @@ def test_one_and_two_workers_are_byte_identical(tmp_path, sp_model, capsys):
 def test_batches_end_at_chunk_size_or_byte_cap(tmp_path, monkeypatch):
     data = tmp_path / "lines.txt"
     data.write_bytes(b"".join(b"x" * n + b"\n" for n in (10, 10, 200, 10, 10, 10)))
-    assert [(first, len(lines)) for first, lines in preprocess_data.read_batches(data, 4)] == [
+    assert [(first, len(lines)) for first, lines in documents.read_batches(data, 4)] == [
         (1, 4), (5, 2)]
-    monkeypatch.setattr(preprocess_data, "BATCH_BYTES", 100)
-    assert [(first, len(lines)) for first, lines in preprocess_data.read_batches(data, 4)] == [
+    monkeypatch.setattr(documents, "BATCH_BYTES", 100)
+    assert [(first, len(lines)) for first, lines in documents.read_batches(data, 4)] == [
         (1, 3), (4, 3)]
 
 

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from megatron_patch.evaluation import inputs, scoring
 from megatron_patch.training.data import NullTokenizer
 from tests.train_helpers import ROOT, VOCAB, make_corpus, run_inprocess, subprocess_env, tiny_args
-
-sys.path.insert(0, str(ROOT / "tools"))
-import evaluate  # noqa: E402
+from tools import evaluate
 
 SENTENCE = [17, 42, 99, 3, 150, 8, 77, 120, 61, 5, 190, 33]
 SEQ, ITERS, PADDED = 32, 60, 256

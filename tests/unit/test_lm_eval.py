@@ -24,12 +24,10 @@ pytest.importorskip("accelerate")  # lm-eval's hf model needs it
 from megatron_patch.evaluation import lm_eval_task  # noqa: E402
 from megatron_patch.export import megatron_io  # noqa: E402
 from megatron_patch.export.convert import export_to_hf  # noqa: E402
-from tests.train_helpers import ROOT, run_inprocess, subprocess_env, tiny_args  # noqa: E402
+from tests.train_helpers import run_inprocess, subprocess_env, tiny_args  # noqa: E402
 from tests.unit.test_convert_checkpoint import GQA, LLAMA  # noqa: E402
 from tests.unit.test_data_pipeline import make_documents, preprocess, train_tokenizer, write_jsonl  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "tools"))
-import evaluate  # noqa: E402
+from tools import evaluate  # noqa: E402
 
 SENTENCES = ["the king of the river city sang a song", "water and light made the school house new",
              "people of the world play a game of art", "history is the language of the film people",
@@ -45,7 +43,8 @@ def exported(tmp_path_factory):
     write_jsonl(tmp / "train.jsonl", SENTENCES * 50)
     preprocess(tmp, tmp / "train.jsonl", tok.with_suffix(".model"), "--append-eod", prefix="train")
     sp = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok.with_suffix(".model")]
-    run_inprocess(tiny_args("--train-iters", 80, "--lr", "1e-2", "--min-lr", "1e-3", *LLAMA, *GQA, "--disable-bias-linear",
+    run_inprocess(tiny_args("--train-iters", 80, "--lr", "1e-2", "--min-lr", "1e-3", *LLAMA, *GQA,
+                            "--disable-bias-linear",
                             "--save", tmp / "ckpt", "--save-interval", 80, "--no-save-optim", "--no-save-rng", *sp,
                             data=tmp / "train_text_document"))
     export_to_hf(str(tmp / "ckpt"), str(tmp / "hf"))
