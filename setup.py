@@ -31,7 +31,8 @@ setup(
         # lm-eval runs exported models in tests/unit/test_lm_eval.py; its hf model needs accelerate.
         # Tested together with transformers 5.24 and torch 2.13.0 (CPU). protobuf reads
         # sentencepiece .model files for the transformers tokenizer export.
+        # ruff: the lint lane (.ci/lanes/15-lint.sh, rules in ruff.toml).
         "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib", "transformers>=4.40",
-                "lm-eval==0.4.13", "accelerate==1.15.0", "protobuf"],
+                "lm-eval==0.4.13", "accelerate==1.15.0", "protobuf", "ruff==0.17.6"],
     },
 )

@@ -3,7 +3,8 @@
 Where it sits: on the output of megatron-core's `LanguageModelEmbedding` (word + position
 [+ token-type] embeddings, after the [b s h] -> [s b h] transpose and the sequence-parallel
 scatter) immediately before the embedding dropout, i.e. exactly the tensor that enters the first
-layer's LayerNorm, whose input std the paper's analysis is about ([SNM v2] Eq. 9-10; v4 Eq. 12-14 [unverified]). It is applied by
+layer's LayerNorm, whose input std the paper's analysis is about ([SNM v2] Eq. 9-10; v4 Eq. 12-14
+[unverified]). It is applied by
 a forward pre-hook on `embedding.embedding_dropout`, so upstream's forward runs unmodified; the
 module itself is registered as `embedding.stabilizer` (checkpoint names
 `embedding.stabilizer.norm.weight/bias` for Embed LN).

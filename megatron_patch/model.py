@@ -62,7 +62,8 @@ def build_layer_spec(config: StabilityConfig, transformer_impl: str = "local", v
             _gate_linears(spec.submodules, config)
         return spec
     if transformer_impl != "local":
-        raise StabilityConfigError(f"unknown transformer_impl {transformer_impl!r}; use 'local' or 'transformer_engine'")
+        raise StabilityConfigError(f"unknown transformer_impl {transformer_impl!r}; "
+                                   "use 'local' or 'transformer_engine'")
 
     spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     norm, upstream_norm = local_norm_class(config), upstream_local_norm_class(config)

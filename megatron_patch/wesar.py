@@ -2,7 +2,8 @@
 
 The gate is applied to the linear's input or output, never to W: (alpha * W) x = alpha * (W x)
 = W (alpha * x), with the bias outside the gate (alpha * (W x) + b). That is the same function as
-the paper's W_bar with no copy of W, so it wraps any linear layer whatever computes W x: megatron-core's Column/RowParallelLinear, or
+the paper's W_bar with no copy of W, so it wraps any linear layer whatever computes W x:
+megatron-core's Column/RowParallelLinear, or
 Transformer Engine's fused ones (`TELayerNormColumnParallelLinear`, `TERowParallelLinear`), with
 gradient-accumulation fusion too (the linear's weight gradient is then alpha * dL/d(W_bar x)
 outer x = dL/dW, written to main_grad by the linear itself).

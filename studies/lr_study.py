@@ -8,7 +8,8 @@ Over a log grid of peak learning rates, a method's *lr sensitivity* at one width
 (Wortsman et al. §3.2; "final loss" = validation loss at the end, "loss at init" = the run's
 first-step loss, so a run that blew up counts as no progress at all). [SNM]'s mechanism predicts
 that Vanilla's sensitivity rises with width d (the shallow LNs' gradient gain is ~1/sigma_x and
-sigma = sqrt(2/(5d)) shrinks with d, [SNM v2] Eq. 9-10, v4 Eq. 12-14 [unverified]) while Scaled Embed's and Embed LN's stay
+sigma = sqrt(2/(5d)) shrinks with d, [SNM v2] Eq. 9-10, v4 Eq. 12-14 [unverified]) while Scaled
+Embed's and Embed LN's stay
 flat. The figure is computed per seed (the same seed at every lr), then reported as mean ± sd,
 with its slope against log2(d).
 

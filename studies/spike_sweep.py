@@ -209,7 +209,7 @@ def train_one(job):
             stopped = str(exc)
     result = dict(name=name, seconds=round(time.time() - t0, 1), argv=argv,
                   **summarize(rec.curve, rec.val_loss, read_spikes(run_dir), stopped, margin))
-    result["curve"] = [[i, _round(l), _round(g)] for i, l, g in rec.curve]
+    result["curve"] = [[i, _round(loss), _round(g)] for i, loss, g in rec.curve]
     tmp = os.path.join(run_dir, "result.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -305,7 +305,8 @@ def pivot(args, cells, title, fmt):
 def write_table(args, cells, path, wall_s):
     lines = [f"Spike sweep: {args.num_layers} layers, d {args.hidden_size}, seq {args.seq_length}, "
              f"batch {args.micro_batch_size}, {args.iters} steps (warm-up {args.warmup}), init std "
-             f"{'sqrt(2/(5d)) (small init)' if args.init_std is None else args.init_std}, AdamW beta2 {args.adam_beta2}, clip {args.clip_grad}, seeds "
+             f"{'sqrt(2/(5d)) (small init)' if args.init_std is None else args.init_std}, "
+             f"AdamW beta2 {args.adam_beta2}, clip {args.clip_grad}, seeds "
              f"{','.join(map(str, args.seeds))}. Spikes: monitor z > {args.spike_zscore:g} over "
              f"{args.spike_window} steps (loss / grad norm, summed over seeds). Val loss: mean ± sd over "
              f"non-diverged seeds.", "",
@@ -319,7 +320,8 @@ def write_table(args, cells, path, wall_s):
                      f"{c['loss_spikes']} / {c['grad_spikes']} | {c['max_grad_norm']:.2f} | {val} |")
     lines += ["", *pivot(args, cells, "validation loss (mean ± sd over seeds; † = a seed diverged)",
                          lambda c: "-" if c["val_mean"] is None else f"{c['val_mean']:.3f}"
-                         + (f" ± {c['val_sd']:.3f}" if c["val_sd"] is not None else "") + (" †" if c["diverged"] else "")),
+                         + (f" ± {c['val_sd']:.3f}" if c["val_sd"] is not None else "")
+                         + (" †" if c["diverged"] else "")),
               "", *pivot(args, cells, "largest gradient norm (before clipping) over all seeds; spikes flagged",
                          lambda c: f"{c['max_grad_norm']:.1f}; {c['loss_spikes'] + c['grad_spikes']}")]
     best = {}

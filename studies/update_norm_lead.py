@@ -66,8 +66,8 @@ def report(name, lines):
           f"norm's peak (step {peak}): grad x{jump(grad_total, peak):.1f}, update x{jump(update_total, peak):.2f} "
           f"their medians; update one step before: x{jump(update_total, peak - 1):.2f}")
     for layer in layers:
-        grad = [sum(v ** 2 for k, v in l["grad_norm"].items() if k.startswith(layer + "/")) ** 0.5 for l in lines]
-        upd = [sum(v ** 2 for k, v in l["update_norm"].items() if k.startswith(layer + "/")) ** 0.5 for l in lines]
+        grad = [sum(v ** 2 for k, v in rec["grad_norm"].items() if k.startswith(layer + "/")) ** 0.5 for rec in lines]
+        upd = [sum(v ** 2 for k, v in rec["update_norm"].items() if k.startswith(layer + "/")) ** 0.5 for rec in lines]
         print(f"   {layer}: grad {first_burst(grad)}, update {first_burst(upd)}; "
               f"peak grad {max(grad):.3g} at {grad.index(max(grad)) + 1}, peak update {max(upd):.3g} at "
               f"{upd.index(max(upd)) + 1}")

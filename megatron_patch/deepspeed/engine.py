@@ -34,7 +34,8 @@ def import_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # torch 2.13 renamed two collectives DeepSpeed 0.19.8 calls; it warns again and again.
     warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                    r"is deprecated")
     import deepspeed
     import deepspeed.ops
 

@@ -2,7 +2,8 @@
 
 For every Transformer layer i we look at the two pre-LNs (`input_layernorm` before attention,
 `pre_mlp_layernorm` before the FFN):
-  - sigma_x: std of the LN input over the hidden dimension (mean over tokens). [SNM v2] Eq. 9-10 (v4: Eq. 12-14 [unverified]):
+  - sigma_x: std of the LN input over the hidden dimension (mean over tokens). [SNM v2] Eq. 9-10
+    (v4: Eq. 12-14 [unverified]):
     the LN Jacobian norm is proportional to 1/sigma_x, so sigma_x << 1 amplifies gradients.
   - gain: ||J_LN^T g|| / ||g||, the measured gradient amplification through that LN for the
     actual upstream gradient g = dL/d(LN output).

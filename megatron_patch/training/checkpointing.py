@@ -220,7 +220,8 @@ def abandoned_on_failure(root, tmp):
             last = _tracked_iteration(root)
             raise SetupError(f"no space left on device (ENOSPC) writing {tmp}: {full}; the checkpoint was not "
                              f"saved and its partial files are removed; "
-                             f"{'the last good checkpoint is iteration ' + str(last) if last is not None else 'no checkpoint was written before'}"
+                             + (f"the last good checkpoint is iteration {last}" if last is not None
+                                else "no checkpoint was written before") +
                              f" (still published); free space in {root} or give another --save, then resume "
                              "with --load") from None
         raise
@@ -450,7 +451,8 @@ def describe_load_failure(exc) -> str:
         if isinstance(inner, EOFError):
             return f"rank {rank}: a tensor file (.distcp) ended early: truncated (EOFError)"
         if "metadata read failed" in str(inner):  # how torch.distributed.checkpoint reports a bad .metadata
-            return f"its .metadata or common state is truncated or corrupt ({type(inner).__name__}: {_first_line(inner)})"
+            return (f"its .metadata or common state is truncated or corrupt "
+                    f"({type(inner).__name__}: {_first_line(inner)})")
         return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
     if type(exc).__name__ in ("UnpicklingError", "EOFError"):
         return f"its .metadata or common state is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"

@@ -28,7 +28,8 @@ logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_MockCacheNois
 
 
 def add_data_args(parser):
-    g = parser.add_argument_group("data", "Megatron-LM's flags: same names, defaults and meaning; blends as 'W1 P1 W2 P2'.")
+    g = parser.add_argument_group("data",
+                                  "Megatron-LM's flags: same names, defaults and meaning; blends as 'W1 P1 W2 P2'.")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Prefixes of .bin/.idx files, optionally weighted: 'W1 P1 W2 P2 ...'.")
     g.add_argument("--split", default="969, 30, 1", help="train,valid,test proportions.")
@@ -121,7 +122,7 @@ def validate_data_args(args) -> None:
                          "asks for it: give the split a validation part, or pass --eval-iters 0")
     if any(per_split) and not args.valid_data_path and args.eval_iters > 0:
         raise SetupError(f"--eval-iters {args.eval_iters} asks for validation data, but only "
-                         f"{', '.join('--' + n + '-data-path' for n, p in zip(('train', 'valid', 'test'), per_split) if p)}"
+                         + ", ".join(f"--{n}-data-path" for n, p in zip(("train", "valid", "test"), per_split) if p) +
                          " is given: add --valid-data-path, or pass --eval-iters 0")
     if args.mock_data and (args.data_path or any(per_split)):
         raise SetupError("--mock-data and --data-path are exclusive")

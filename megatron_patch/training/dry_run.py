@@ -217,9 +217,10 @@ def plan(args) -> dict:
 
 
 def layout_line(args) -> str:
+    vp = f" (VP {args.virtual_pipeline_model_parallel_size})" if args.virtual_pipeline_model_parallel_size else ""
     return (f"world {args.world_size} = TP {args.tensor_model_parallel_size} x PP "
             f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}"
-            f"{f' (VP {args.virtual_pipeline_model_parallel_size})' if args.virtual_pipeline_model_parallel_size else ''}; "
+            f"{vp}; "
             f"micro-batch {args.micro_batch_size}, global batch {args.global_batch_size} "
             f"({args.num_microbatches} micro-batches per step); sequence parallel "
             f"{'on' if args.sequence_parallel else 'off'}; distributed optimizer "

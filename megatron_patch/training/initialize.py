@@ -150,7 +150,8 @@ def initialize_distributed(args) -> Runtime:
     )
     set_random_seed(args.seed, args.data_parallel_random_init)
     if rank == 0:
-        for notice in notices + list(getattr(args, "precision_notes", [])) + list(getattr(args, "checkpoint_notes", [])):
+        notes = list(getattr(args, "precision_notes", [])) + list(getattr(args, "checkpoint_notes", []))
+        for notice in notices + notes:
             if notice:
                 print(f" > {notice}", flush=True)
     return Runtime(device=device, backend=backend, rank=rank, world_size=world_size)

@@ -15,7 +15,8 @@ from .errors import SetupError
 
 
 def add_logging_args(parser):
-    g = parser.add_argument_group("logging", "Megatron-LM's log line, TensorBoard and wandb flags, plus MFU (--peak-tflops).")
+    g = parser.add_argument_group("logging",
+                                  "Megatron-LM's log line, TensorBoard and wandb flags, plus MFU (--peak-tflops).")
     g.add_argument("--log-interval", type=int, default=100, help="Print a log line every N steps.")
     g.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard events here.")
     g.add_argument("--tensorboard-log-interval", type=int, default=1, help="TensorBoard scalars every N steps.")

@@ -46,7 +46,8 @@ def add_model_args(parser):
                    help="Default: transformer_engine on a GPU machine that has it, else local.")
     g.add_argument("--use-mcore-models", action="store_true", help="Accepted; always true here.")
 
-    g = parser.add_argument_group("initialization and regularization", "Megatron-LM's flags: same names, defaults and meaning.")
+    g = parser.add_argument_group("initialization and regularization",
+                                  "Megatron-LM's flags: same names, defaults and meaning.")
     g.add_argument("--init-method-std", type=float, default=None, help="Default 0.02.")
     g.add_argument("--embedding-init-method-std", type=float, default=None,
                    help="Default: --init-method-std.")

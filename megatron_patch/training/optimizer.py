@@ -6,7 +6,8 @@ from .errors import SetupError
 
 
 def add_optimizer_args(parser):
-    g = parser.add_argument_group("optimizer and regularization", "Megatron-LM's flags: same names, defaults and meaning.")
+    g = parser.add_argument_group("optimizer and regularization",
+                                  "Megatron-LM's flags: same names, defaults and meaning.")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam is AdamW (decoupled weight decay), as in Megatron-LM.")
     g.add_argument("--weight-decay", type=float, default=0.01,

@@ -66,8 +66,9 @@ def build(args, callbacks=None):
             callback.attach_logger(ctx.logger)
     ctx.datasets = datasets
     if runtime.rank == 0:
-        print(f" > {runtime.device.type} x {runtime.world_size} ({runtime.backend}): TP={args.tensor_model_parallel_size}"
-              f" PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}; vocab {tokenizer.vocab_size}"
+        print(f" > {runtime.device.type} x {runtime.world_size} ({runtime.backend}):"
+              f" TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}"
+              f" DP={args.data_parallel_size}; vocab {tokenizer.vocab_size}"
               f" padded to {padded}; {model_builder.count_parameters(model):,} parameters on rank 0;"
               f" starting at iteration {state.iteration}", flush=True)
     iters = {name: [data.make_iterator(args, ds, consumed, runtime.device) for _ in model]

@@ -179,7 +179,8 @@ def test_pipeline_parallel_is_refused(tmp_path, capsys, monkeypatch):
 def test_missing_or_invalid_json(tmp_path, capsys):
     assert "no such file" in one_error_line(capsys, ds_args(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 1},}')
-    assert "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 36)" in one_error_line(capsys, ds_args(tmp_path / "bad.json"))
+    assert ("not valid JSON (Expecting property name enclosed in double quotes at line 1, column 36)"
+            in one_error_line(capsys, ds_args(tmp_path / "bad.json")))
     assert "--deepspeed needs --deepspeed-config" in one_error_line(
         capsys, tiny_args("--train-iters", 3, "--deepspeed", mock=True))
 

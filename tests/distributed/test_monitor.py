@@ -42,7 +42,7 @@ def skip_runs(tmp_path_factory):
     for name, extra in (("ddp", []), ("distopt", ["--use-distributed-optimizer"])):
         tmp = tmp_path_factory.mktemp(name)
         result, stdout = launch(tmp, "grad", INJECT, "--spike-policy", "skip", *extra)
-        lines = [json.loads(l) for l in (tmp / "mon" / "monitor.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (tmp / "mon" / "monitor.jsonl").read_text().splitlines()]
         runs[name] = (result, stdout, lines)
     return runs
 
@@ -57,8 +57,8 @@ def test_skip_policy_flags_exactly_the_injected_steps_and_skips_them_everywhere(
     assert changed(result, 13) == [True, True]
     assert "number of skipped iterations:   1 (monitor 1)" in stdout
     # The compact jsonl has one line per step and per-layer sections on measured/spike steps.
-    assert [l["iteration"] for l in lines] == list(range(1, 25))
-    assert {l["iteration"] for l in lines if "grad_norm" in l} == {5, 10, 12, 15, 19, 20}
+    assert [rec["iteration"] for rec in lines] == list(range(1, 25))
+    assert {rec["iteration"] for rec in lines if "grad_norm" in rec} == {5, 10, 12, 15, 19, 20}
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_rollback_reloads_the_last_checkpoint_and_completes(tmp_path):
 @pytest.mark.slow
 def test_per_layer_norms_add_up_to_the_optimizer_grad_norm_at_tp2(tmp_path):
     result, _ = launch(tmp_path, "grad", [], "--spike-policy", "log", tp=2)
-    lines = [json.loads(l) for l in (tmp_path / "mon" / "monitor.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "mon" / "monitor.jsonl").read_text().splitlines()]
     history = {h["iteration"]: h for h in result["history"]}
     for line in lines:
         if "grad_norm" in line:

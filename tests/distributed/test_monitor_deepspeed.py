@@ -25,12 +25,14 @@ def runs(tmp_path_factory):
     data = make_corpus(tmp / "data" / "corpus")
 
     def argv(name, *extra):
-        return [str(a) for a in tiny_args("--train-iters", 24, *MONITOR, "--monitor-dir", tmp / name, *extra, data=data)]
+        return [str(a) for a in tiny_args("--train-iters", 24, *MONITOR, "--monitor-dir", tmp / name, *extra,
+                                          data=data)]
 
     spec = [{"case": "loss", "name": "megatron", "argv": argv("megatron", "--spike-policy", "skip"), "inject": INJECT}]
     for stage in STAGES:
         zero = ["--deepspeed", "--deepspeed-config", ROOT / f"examples/deepspeed/zero{stage}.json"]
-        spec.append({"case": "loss", "name": f"zero{stage}", "argv": argv(f"zero{stage}", "--spike-policy", "skip", *zero),
+        spec.append({"case": "loss", "name": f"zero{stage}",
+                     "argv": argv(f"zero{stage}", "--spike-policy", "skip", *zero),
                      "inject": INJECT})
     spec.append({"case": "loss", "name": "zero1_rollback", "inject": [14, 15, 16], "argv": argv(
         "zero1_rollback", "--spike-policy", "rollback", "--rollback-after", 3, "--rollback-window", 10,
@@ -69,7 +71,7 @@ def test_injected_spikes_are_skipped_on_every_rank(runs, stage):
 def test_per_layer_norms_from_zero_partitions_equal_the_megatron_engines(runs, stage):
     _, zero = runs[f"zero{stage}"]
     _, megatron = runs["megatron"]
-    assert [l["iteration"] for l in zero] == [l["iteration"] for l in megatron] == list(range(1, 25))
+    assert [rec["iteration"] for rec in zero] == [rec["iteration"] for rec in megatron] == list(range(1, 25))
     for a, b in zip(zero, megatron):
         assert a["grad_norm_total"] == pytest.approx(b["grad_norm_total"], rel=1e-5)
         assert ("grad_norm" in a) == ("grad_norm" in b)

@@ -142,7 +142,8 @@ def test_dp_reshardable_optimizer_state_refuses_a_new_tp_size_clearly(runs):
 def test_resume_at_another_tp_size_keeps_the_checkpoints_vocabulary_padding(runs):
     """TP 1 -> TP 2 -> TP 1 with the default --make-vocab-size-divisible-by (8,064 vs 8,192 rows)."""
     ref, got = runs
-    assert close(got["tp2_big_vocab_from_tp1"], ref["big_vocab"][3:5]), (got["tp2_big_vocab_from_tp1"], ref["big_vocab"])
+    resumed = got["tp2_big_vocab_from_tp1"]
+    assert close(resumed, ref["big_vocab"][3:5]), (resumed, ref["big_vocab"])
     assert got["big_tp2_padded"] == 8064
     assert close(got["tp1_big_vocab_from_tp2"], ref["big_vocab"][5:]), (got["tp1_big_vocab_from_tp2"], ref["big_vocab"])
 

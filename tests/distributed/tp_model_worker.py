@@ -7,7 +7,6 @@ the new parameters (WeSaR gates: summed over TP inside autograd). Prints one lin
 exits non-zero on the first mismatch.
 """
 
-import os
 import sys
 
 import torch

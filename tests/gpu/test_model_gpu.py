@@ -57,7 +57,8 @@ def test_options_run_on_gpu(mcore_cuda, impl, options):
 
         layers = wesar_layers(model)
         assert len(layers) == 4 * SHAPE["num_layers"] + 1
-        assert all(l.wesar_gate.grad is not None and bool((l.wesar_gate.grad != 0).all()) for _, l in layers)
+        assert all(layer.wesar_gate.grad is not None and bool((layer.wesar_gate.grad != 0).all())
+                   for _, layer in layers)
         with torch.no_grad():
             before = model(ids, pos, None)
             fold_wesar_gates(model)

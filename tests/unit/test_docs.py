@@ -4,7 +4,6 @@ exist, and its cheap commands run exactly as printed."""
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -78,7 +78,8 @@ def test_baselines_table_compares_each_method_at_its_own_best_lr():
         for lr in args.lrs:
             floor = 6.0 if lr == best_lr else 7.0
             results[lr_sensitivity.run_name(64, m, lr, 1)] = dict(
-                _run(floor), curve=curve(rate, floor), final_train_loss=sweep.summarize(curve(rate, floor), None, [], None, 1.0)["final_train_loss"],
+                _run(floor), curve=curve(rate, floor),
+                final_train_loss=sweep.summarize(curve(rate, floor), None, [], None, 1.0)["final_train_loss"],
                 loss_spikes=0, grad_spikes=2 if m == "vanilla" else 0, max_grad_norm=3.0)
     lines = report.baselines_table(args, results, lr_sensitivity.sensitivity(args, results))
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| vanilla") or

@@ -151,7 +151,8 @@ def test_deepspeed_loss_scaler_from_our_flags_replays_the_megatron_scale_sequenc
     fp16 = DeepSpeedConfig(args.deepspeed_config_dict).float16_config
     # The scaler asks deepspeed.comm for the rank only to log its overflow messages.
     monkeypatch.setattr(loss_scaler, "dist", types.SimpleNamespace(get_rank=lambda: 0))
-    scaler = loss_scaler.CreateLossScaler(torch.half, fp16.loss_scale, fp16.loss_scale == 0, fp16.dynamic_loss_scale_args())
+    scaler = loss_scaler.CreateLossScaler(torch.half, fp16.loss_scale, fp16.loss_scale == 0,
+                                          fp16.dynamic_loss_scale_args())
     replayed = []
     for h in megatron:
         scaler.update_scale(h["skipped"])

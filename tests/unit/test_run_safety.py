@@ -122,7 +122,8 @@ def test_per_split_paths_without_validation_data_are_refused_when_evaluating(cor
     argv = [a for a in tiny_args("--train-iters", 3, "--eval-iters", 2, data=corpus)]
     i = argv.index("--data-path")
     argv[i:i + 4] = ["--train-data-path", str(corpus)]
-    assert "--eval-iters 2 asks for validation data, but only --train-data-path is given" in one_error_line(capsys, argv)
+    assert ("--eval-iters 2 asks for validation data, but only --train-data-path is given"
+            in one_error_line(capsys, argv))
 
 
 def test_exit_signal_handler_without_save_is_warned(corpus, capsys):

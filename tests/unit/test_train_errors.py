@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from tests.train_helpers import ROOT, make_corpus, one_error_line, pretrain_cmd, run_inprocess, subprocess_env, tiny_args
+from tests.train_helpers import (ROOT, make_corpus, one_error_line, pretrain_cmd, run_inprocess, subprocess_env,
+                                 tiny_args)
 
 
 def snapshot(root):
@@ -132,8 +133,10 @@ def test_data_recorded_with_another_tokenizer_is_refused(tmp_path, capsys):
     data_identity.write_tokenizer_identity(corpus, data_identity.tokenizer_identity("NullTokenizer", 301))
     line = one_error_line(capsys, tiny_args("--train-iters", 3, data=corpus))
     assert "was made with another tokenizer (vocabulary size 301 vs 201)" in line
-    other = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000, "files_sha256": {"tokenizer_model": "a" * 64}}
-    mine = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000, "files_sha256": {"tokenizer_model": "b" * 64}}
+    other = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000,
+             "files_sha256": {"tokenizer_model": "a" * 64}}
+    mine = {"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 8000,
+            "files_sha256": {"tokenizer_model": "b" * 64}}
     assert data_identity.identity_differences(other, mine) == [
         "tokenizer_model has other contents (sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb)"]
 

@@ -114,7 +114,7 @@ def test_log_lines_tensorboard_and_wandb(tmp_path, capsys, monkeypatch):
                             "--log-validation-ppl-to-tensorboard", "--wandb-project", "tiny",
                             "--wandb-exp-name", "t1", "--wandb-save-dir", tmp_path / "wb", mock=True))
     out = capsys.readouterr().out
-    lines = [l for l in out.splitlines() if "| consumed samples:" in l]
+    lines = [line for line in out.splitlines() if "| consumed samples:" in line]
     assert len(lines) == 2
     for field in ("iteration        4/       4 |", "consumed samples:           32 |",
                   "elapsed time per iteration (ms):", "learning rate: ", "global batch size:     8 |",

@@ -50,7 +50,8 @@ def saved(request, corpus, tmp_path_factory):
 def test_the_common_state_is_where_this_release_writes_it(saved):
     root, _ = saved
     path = str(root / "iter_0000004")
-    assert upstream.common_state_location(path) == ("torch_dist" if upstream.COMMON_STATE_IN_TORCH_DIST else "common.pt")
+    expected = "torch_dist" if upstream.COMMON_STATE_IN_TORCH_DIST else "common.pt"
+    assert upstream.common_state_location(path) == expected
     common = upstream.load_common_state(path)
     assert common["iteration"] == 4 and common["megatron_core_version"] == str(upstream.VERSION)
 

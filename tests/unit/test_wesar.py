@@ -140,7 +140,7 @@ def test_fold_back_gives_the_same_function(mcore, shape, side):
     assert torch.allclose(logits(plain), reference, rtol=1e-5, atol=1e-5)
     assert fold_wesar_gates(model) == 4 * LAYERS + 1
     assert torch.allclose(logits(model), reference, rtol=1e-5, atol=1e-5)
-    assert all(bool((l.wesar_gate == 1.0).all()) for _, l in wesar_layers(model))
+    assert all(bool((layer.wesar_gate == 1.0).all()) for _, layer in wesar_layers(model))
 
 
 def test_gradient_accumulation_fusion_writes_the_gated_gradient(mcore, monkeypatch):
@@ -153,15 +153,16 @@ def test_gradient_accumulation_fusion_writes_the_gated_gradient(mcore, monkeypat
     monkeypatch.setattr(mcore_layers, "fused_weight_gradient_mlp_cuda",
                         types.SimpleNamespace(wgrad_gemm_accum_fp32=accum), raising=False)
     grads = []
-    assert all(l.wesar_side != "weight" for _, l in wesar_layers(build(wesar=True, gradient_accumulation_fusion=True)))
+    assert all(layer.wesar_side != "weight"
+               for _, layer in wesar_layers(build(wesar=True, gradient_accumulation_fusion=True)))
     for fusion in (False, True):  # both gated on the activations, as the fused run must be
         model = build(wesar=True, gradient_accumulation_fusion=fusion, wesar_gate_side="activation")
         perturb_gates(model)
         for _, layer in wesar_layers(model):
             layer.weight.main_grad = torch.zeros_like(layer.weight)
         logits(model).pow(2).mean().backward()
-        grads.append({n: (l.weight.main_grad.clone() if fusion else l.weight.grad, l.wesar_gate.grad)
-                      for n, l in wesar_layers(model)})
+        grads.append({n: (layer.weight.main_grad.clone() if fusion else layer.weight.grad, layer.wesar_gate.grad)
+                      for n, layer in wesar_layers(model)})
     for name, (w, a) in grads[0].items():
         assert grads[1][name][0].abs().sum() > 0, name
         assert torch.allclose(grads[1][name][0], w, rtol=1e-5, atol=summation_atol(w)), name
