@@ -25,10 +25,10 @@ import torch
 from megatron_patch import upstream
 
 from . import checkpoint_keys, optimizer, rng_state, shared_storage
+from .checkpoint_names import TRACKER
 from .errors import SetupError
 from .model_builder import activation_name, model_flag_differences, padded_vocab_size_on_resume, unwrap
 
-TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 DEEPSPEED_METADATA = "megatron_patch_deepspeed.json"  # marks a --deepspeed checkpoint directory
 

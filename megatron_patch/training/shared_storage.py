@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .checkpoint_names import TRACKER
 from .errors import SetupError
 
 NONCE_PREFIX = ".megatron_patch.shared-"
@@ -98,8 +99,6 @@ def _prove_save(save, rank):
 def _checkpoint_view(load):
     """What this rank sees of the checkpoint --load would resume: the tracker's text and the
     names and sizes of the files in that iteration's directory (None where absent)."""
-    from .checkpointing import TRACKER
-
     tracker = _read(os.path.join(load, TRACKER))
     files = None
     if tracker is not None and tracker.strip().isdigit():
