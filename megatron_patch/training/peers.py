@@ -105,6 +105,7 @@ def explain_lost(exc, timeout_minutes) -> "str | None":
     lost = [r for r in range(len(hosts)) if r != rank and after[r] == before[r]]
     if not lost:
         return None
-    names = ", ".join(f"rank {r} ({hosts[r]})" for r in lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+    names = ", ".join(f"rank {r} ({hosts[r]})" for r in lost[:8])
+    names += f" and {len(lost) - 8} more" if len(lost) > 8 else ""
     return (f"lost {names}: no heartbeat for {3 * HEARTBEAT_SECONDS:.0f} s, so that node (or its process) "
             f"went away; {waited}")
