@@ -1,39 +1,47 @@
 # megatron_patch on NVIDIA's NGC PyTorch image (CUDA, NCCL, apex, Transformer Engine), or, with
-# --build-arg VARIANT=cpu, on plain Python 3.11 for machines without GPUs.
+# --target cpu, on plain Python 3.11 for machines without GPUs (README, "Docker").
 #
-#   docker build -t megatron-patch .                                # GPU image (NGC)
-#   docker build -t megatron-patch:cpu --build-arg VARIANT=cpu .    # CPU image
-#   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 --rm -it \
-#       -v /data:/data -v /runs:/runs megatron-patch \
-#       bash examples/paper/pretrain.sh --size 350m --method scaled_embed --run-dir /runs/350m-se
+#   docker build -t megatron-patch .                          # GPU image (NGC)
+#   docker build -t megatron-patch:cpu --target cpu .         # CPU image
+#   docker run --rm megatron-patch:cpu bash docker/build_check.sh
 #
-# Build arguments:
-#   VARIANT      gpu (default) or cpu
-#   NGC_IMAGE    the NGC PyTorch tag (Python 3.12). Our choice, not checked here (no registry
-#                access). The image installs the newest megatron-core 0.19.x, whose release
-#                branch's CI pins Transformer Engine 2.17.1 (pyproject.toml: TE git 4329ff84); its
-#                `te` extra names no bound and its code gates features on TE >= 1.13 .. 2.14: take
-#                a tag with TE 2.17 (install.sh prints the versions).
-#   CPU_IMAGE    the CPU base (Python 3.11, like the development machines)
-#   BUILD_CHECK  1 (default): run docker/build_check.sh (CPU unit tests, a paper dry run) in the
-#                build; 0 to skip (then: docker run --rm IMAGE bash docker/build_check.sh)
-ARG VARIANT=gpu
-ARG NGC_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3
+# The CPU stage comes first: the legacy builder (a docker client without buildx) builds every
+# stage up to the target, so a CPU build never looks up the NGC image. BuildKit builds only what
+# the target needs. No "# syntax=" line: an offline machine cannot pull a Dockerfile frontend.
+#
+# Build arguments (all optional):
+#   CPU_IMAGE       the CPU base: Debian-based, Python 3.11 (docker/base_image.sh makes one from
+#                   Debian's packages where no registry is reachable)
+#   NGC_IMAGE       the NGC PyTorch tag (Python 3.12). Our choice, not checked here (no registry
+#                   access): take one whose Transformer Engine is in 2.9-2.11, the range
+#                   megatron-core 0.16.1 is tested with (install.sh prints the versions).
+#   WHEEL_DIR       a directory inside the build context with wheels pip may use (CPU image: the
+#                   torch 2.13.0 CPU wheel, else torch comes from TORCH_INDEX_URL). Its files stay
+#                   in the image's source layer; keep only what the build needs in it.
+#   CA_BUNDLE       a PEM file inside the build context, added to the image's trusted CAs (a site
+#                   whose HTTPS proxy re-signs certificates); stays trusted when the image runs
+#   PIP_INDEX_URL   the package index pip uses (default PyPI); TORCH_INDEX_URL: where the CPU
+#                   image's torch comes from without a wheel (default PyTorch's CPU index)
+#   HTTP_PROXY, HTTPS_PROXY, NO_PROXY: Docker passes these to the build when given
 ARG CPU_IMAGE=python:3.11-slim-bookworm
+ARG NGC_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3
 
-FROM ${NGC_IMAGE} AS base-gpu
-ENV PYTHON=python3
-
-FROM ${CPU_IMAGE} AS base-cpu
-ENV VENV=/opt/venv PYTHON=/opt/venv/bin/python PATH=/opt/venv/bin:${PATH}
-
-# hadolint ignore=DL3006
-FROM base-${VARIANT}
-ARG VARIANT
-ARG BUILD_CHECK=1
-ENV PYTHONUNBUFFERED=1
+FROM ${CPU_IMAGE} AS cpu
+ARG WHEEL_DIR="" CA_BUNDLE="" PIP_INDEX_URL TORCH_INDEX_URL
+# The venv sits where tools/setup_env.sh and examples/quickstart.sh expect it (.venv). HOME is
+# writable by any user, so `docker run --user "$(id -u):$(id -g)"` works (caches, compiled kernels).
+ENV VENV=/workspace/megatron_patch/.venv HOME=/workspace/home LANG=C.UTF-8 PYTHONUNBUFFERED=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+ENV PYTHON=${VENV}/bin/python PATH=${VENV}/bin:${PATH}
 WORKDIR /workspace/megatron_patch
 COPY . .
-RUN bash docker/install.sh --variant "${VARIANT}"
-RUN if [ "${BUILD_CHECK}" = 1 ]; then bash docker/build_check.sh; fi
+RUN bash docker/install.sh --variant cpu --wheel-dir "${WHEEL_DIR}" --ca-bundle "${CA_BUNDLE}" --any-user
+CMD ["bash"]
+
+FROM ${NGC_IMAGE} AS gpu
+ARG WHEEL_DIR="" CA_BUNDLE="" PIP_INDEX_URL
+ENV PYTHON=python3 HOME=/workspace/home PYTHONUNBUFFERED=1
+WORKDIR /workspace/megatron_patch
+COPY . .
+RUN bash docker/install.sh --variant gpu --wheel-dir "${WHEEL_DIR}" --ca-bundle "${CA_BUNDLE}" --any-user
 CMD ["bash"]

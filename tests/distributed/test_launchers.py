@@ -17,6 +17,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["examples/torchrun_pretrain.sh", "examples/paper/pretrain.sh", "examples/slurm/pretrain.sbatch",
            "tests/slurm/start.sh", "tests/slurm/install.sh", "docker/build_check.sh", "docker/install.sh",
+           "docker/test_image.sh", "docker/base_image.sh", ".ci/lanes/40-docker.sh", ".ci/prepare/docker-base.sh",
            "examples/quickstart.sh", "tools/setup_env.sh", "tests/run.sh", ".ci/run", "tests/gpu/run.sh"]
 TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
         "--lr 1e-3 --mock-data --vocab-size 100 --log-interval 1 --eval-iters 0").split()
@@ -169,8 +170,9 @@ def test_scripts_are_shellcheck_clean():
 # ---------------------------------------------------------------- Docker (static: no daemon here)
 def test_dockerfile_pins_what_setup_py_pins_and_uses_existing_scripts():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "ARG VARIANT=gpu" in dockerfile and "nvcr.io/nvidia/pytorch:" in dockerfile
-    assert "FROM base-${VARIANT}" in dockerfile and "python:3.11" in dockerfile
+    assert "nvcr.io/nvidia/pytorch:" in dockerfile and "python:3.11" in dockerfile
+    # The CPU stage first: the legacy builder builds every stage up to --target.
+    assert dockerfile.index(" AS cpu\n") < dockerfile.index(" AS gpu\n")
     for script in re.findall(r"bash (docker/\S+\.sh)", dockerfile):
         assert (ROOT / script).is_file(), script
     # The GPU image installs the newest megatron-core setup.py admits: its range starts inside setup.py's.
