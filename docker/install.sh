@@ -67,12 +67,23 @@ if [ "$check_only" = 1 ]; then check_versions; exit 0; fi
 if [ -n "$ca_bundle" ]; then
     [ -f "$ca_bundle" ] || die "--ca-bundle $ca_bundle: no such file (give a PEM file inside the build context)"
     command -v update-ca-certificates >/dev/null || die "update-ca-certificates is missing: the base image needs Debian's ca-certificates"
-    # One certificate per file, as update-ca-certificates and its c_rehash expect.
+    # The bundle's certificates that the image does not trust yet (a host's bundle repeats the
+    # common roots), one per file as update-ca-certificates and its c_rehash expect.
     ca_dir=/usr/local/share/ca-certificates/megatron-patch-build
     mkdir -p "$ca_dir"
-    awk -v dir="$ca_dir" '/-----BEGIN CERTIFICATE-----/ { n++; out = sprintf("%s/%04d.crt", dir, n); keep = 1 }
-        keep { print > out } /-----END CERTIFICATE-----/ { keep = 0; close(out) }' "$ca_bundle"
-    [ -n "$(ls "$ca_dir")" ] || die "--ca-bundle $ca_bundle: no PEM certificate in it"
+    trusted=/etc/ssl/certs/ca-certificates.crt
+    awk -v dir="$ca_dir" -v trusted="$trusted" '
+        function read(line) {  # the PEM block being read is complete after this line
+            if (line ~ /-----BEGIN CERTIFICATE-----/) { pem = ""; inside = 1 }
+            if (inside) pem = pem line "\n"
+            if (line ~ /-----END CERTIFICATE-----/) { inside = 0; return 1 }
+            return 0
+        }
+        BEGIN { while ((getline line < trusted) > 0) if (read(line)) known[pem] = 1 }
+        read($0) { found = 1
+            if (!(pem in known)) { known[pem] = 1; out = sprintf("%s/%04d.crt", dir, ++n); printf "%s", pem > out; close(out) } }
+        END { if (!found) exit 1 }' "$ca_bundle" || die "--ca-bundle $ca_bundle: no PEM certificate in it"
+    echo "--ca-bundle: $(find "$ca_dir" -name '*.crt' | wc -l) certificate(s) the image did not trust yet"
     update-ca-certificates > /dev/null
 fi
 if [ -n "$wheel_dir" ]; then
