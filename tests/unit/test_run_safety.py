@@ -280,8 +280,7 @@ def test_output_directories_are_checked_at_start_up_as_save_is(corpus, tmp_path,
 
 
 def test_evaluate_refuses_an_output_json_that_is_a_directory(corpus, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import evaluate
+    from tools import evaluate
 
     assert evaluate.main(["--load", str(tmp_path), "--data-path", str(corpus), "--output-json", str(tmp_path)]) == 1
     assert f"--output-json {tmp_path} is a directory" in capsys.readouterr().err
