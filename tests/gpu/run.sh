@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check: the configuration users launch (bf16/fp16, Transformer Engine layers, export),
-# run for real on one CUDA GPU (H100/H200) in under 8 minutes, ending with a summary of the figures.
+# The GPU check (tests/gpu/check.py) on a machine that already has megatron-core: an NGC-based image
+# (Dockerfile) or a dev venv. It runs for real on one CUDA GPU (H100/H200) in under 8 minutes and
+# ends with a summary of the figures; Transformer Engine's layers where TE is installed, else
+# megatron-core's local ones. For the lent GPU machine, which has no megatron-core and no network,
+# see docs/gpu_check.md (tests/gpu/prepare_carry.py prints the command to run there).
 #
 #   bash tests/gpu/run.sh [OUT_DIR]      (default runs/gpu_check; QUICK=1 for fewer iterations)
 #
-# Python: $PYTHON, else .venv/bin/python where it exists, else python3; it must already have
-# megatron-core, torch with CUDA and (for the TE parts) Transformer Engine, as the NGC-based image
-# does (Dockerfile): a GPU machine may have no package index, so nothing is installed here.
-# Without a CUDA GPU every GPU part is skipped, the summary says so, and it exits 0.
+# Python: $PYTHON, else .venv/bin/python where it exists, else python3. Exit status is check.py's:
+# 0 passed, 1 a part failed, 2 a package is missing, 3 no CUDA device (nothing measured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-runs/gpu_check}"
@@ -19,10 +20,10 @@ else
     py=python3
 fi
 if ! "$py" -c "import megatron.core, torch" 2>/dev/null; then
-    echo "gpu check: $py lacks megatron-core or torch; set PYTHON or run: bash tools/setup_env.sh dev" >&2
-    exit 1
+    echo "gpu check: $py lacks megatron-core or torch; set PYTHON, run: bash tools/setup_env.sh dev, or see docs/gpu_check.md" >&2
+    exit 2
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export PYTHONUNBUFFERED=1
 quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 exec "$py" tests/gpu/check.py "$out" "${quick[@]}"
