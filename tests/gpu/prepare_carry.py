@@ -4,7 +4,8 @@ carry folders travel): download the cp312 wheels the check needs and that machin
 command to run there. Run here, on any machine that reaches the package index:
 
     python3 tests/gpu/prepare_carry.py            # prints the command on stdout, notes on stderr
-    python3 tests/gpu/prepare_carry.py --print    # only print the command (wheels already there)
+    python3 tests/gpu/prepare_carry.py --check    # the same without downloading (wheels already there)
+    python3 tests/gpu/prepare_carry.py --print    # only print the command
 
 The machine's packages are tests/gpu/machine_packages.txt. megatron-core is the newest that
 setup.py's requirement admits for Python 3.12 (pip picks it), so the version lives in setup.py
@@ -76,9 +77,10 @@ def wheel_metadata(wheel: Path) -> tuple:
     return canonical(name), version, needed
 
 
-def check_carry(wheels, machine: dict) -> list:
-    """Problems (one line each) with carrying `wheels` to a machine holding `machine`: a wheel
-    the machine already has, two versions of one package, a dependency neither there nor carried."""
+def check_carry(wheels, machine: dict, requirements=()) -> list:
+    """Problems (one line each) with carrying `wheels` to a machine holding `machine`: a wheel the
+    machine already has, two versions of one package, a dependency neither there nor carried, a
+    requirement no wheel satisfies (e.g. a carry folder older than setup.py's range)."""
     problems, carried = [], {}
     for wheel in wheels:
         name, version, requires = wheel_metadata(wheel)
@@ -86,11 +88,16 @@ def check_carry(wheels, machine: dict) -> list:
             problems.append(f"{wheel.name}: the machine already has {machine[name]}; carry none")
         if name in carried:
             problems.append(f"{wheel.name}: a second version of {name} (pip refuses two)")
-        carried[name] = requires
-    for name, requires in carried.items():
+        carried[name] = (version, requires)
+    for name, (_, requires) in carried.items():
         missing = [r for r in requires if r not in machine and r not in carried]
         if missing:
             problems.append(f"{name} needs {', '.join(missing)}: neither on the machine nor carried")
+    for line in requirements:
+        req = Requirement(line)
+        version = carried.get(canonical(req.name), (None,))[0]
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{line}: not carried (found {version or 'none'}); run tests/gpu/prepare_carry.py")
     return problems
 
 
@@ -127,7 +134,9 @@ def prepare(dest: Path, requirements) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--print", action="store_true", help="Only print the command.")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="Check the wheels already there; download nothing.")
+    mode.add_argument("--print", action="store_true", help="Only print the command.")
     ap.add_argument("--megatron-core", default=None,
                     help="Requirement to carry instead of setup.py's (to try another version).")
     args = ap.parse_args(argv)
@@ -136,8 +145,8 @@ def main(argv=None) -> int:
         return 0
     requirements = [args.megatron_core or megatron_core_requirement(), *EXTRA_WHEELS]
     dest = ROOT / CARRY
-    wheels = prepare(dest, requirements)
-    problems = check_carry(wheels, machine_packages())
+    wheels = sorted(dest.glob("*.whl")) if args.check else prepare(dest, requirements)
+    problems = check_carry(wheels, machine_packages(), requirements)
     size_mib = sum(w.stat().st_size for w in wheels) / 2**20
     tree_mib = _work_tree_mib()
     if size_mib + tree_mib > CARRY_LIMIT_MIB / 2:
