@@ -21,10 +21,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-try:  # pip's own copy, so that any Python with pip runs this
-    from pip._vendor.packaging.requirements import Requirement
-except ImportError:  # pragma: no cover
+try:
     from packaging.requirements import Requirement
+except ImportError:  # pip's own copy, so that any Python with pip runs this. Not first: importing
+    # pip turns off setuptools' distutils shim, and a later `import setuptools` (torch's
+    # cpp_extension, which megatron-core imports) then fails in the same process.
+    from pip._vendor.packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 CARRY = ".gpu_carry"  # relative to the repository root, as the command names it; in .gitignore
