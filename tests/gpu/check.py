@@ -377,6 +377,8 @@ def summary_lines(summary: dict) -> list:
             continue
         figures = ", ".join(f"{k}={_fmt(v)}" for k, v in result.items() if k != "ok")
         lines.append(f"  {part:12s} {'ok  ' if result['ok'] else 'FAIL'} {figures}")
+    if summary.get("seconds"):
+        lines.append(f"  total: {summary['seconds']:.0f} s")
     if summary.get("not_run"):
         lines.append("  not run here:")
         lines += [f"    {what}: {why}" for what, why in summary["not_run"].items()]
@@ -414,13 +416,13 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"cpu_rehearsal": False}
+    summary, started = {"cpu_rehearsal": False}, time.time()
     try:
         summary["environment"] = environment()
         from megatron_patch import capabilities
 
         caps = capabilities.detect()
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - any import-time failure: missing, or not for this torch
         summary["environment_error"] = f"{type(exc).__name__}: {exc}"
         write_summary(args.out, summary)
         return EXIT_BROKEN
@@ -451,6 +453,7 @@ def main(argv=None) -> int:
         result["seconds"] = round(time.time() - start, 1)
         summary["parts"][part] = result
         print(f"gpu check: {part} {'ok' if result['ok'] else 'FAILED'} after {result['seconds']} s", flush=True)
+    summary["seconds"] = round(time.time() - started, 1)
     write_summary(args.out, summary, work)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
