@@ -46,6 +46,8 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
 
 ROOT = Path(__file__).resolve().parents[2]
+# Run as a script on the lent GPU machine, where megatron_patch is not installed: the repository
+# root must be importable (its subprocesses get it on PYTHONPATH, see Runner).
 sys.path.insert(0, str(ROOT))
 
 EXIT_OK, EXIT_FAILED, EXIT_BROKEN, EXIT_NO_CUDA = 0, 1, 2, 3

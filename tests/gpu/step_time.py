@@ -18,14 +18,14 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+
+from megatron_patch.training.pretrain import run
+from tests.gpu.check import last_log_line
+
+# Run by check.py with the repository root on PYTHONPATH (the lent machine has the package
+# uninstalled). megatron-core's import-time notices that apex/TE are absent: check.py lists them.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
-
-import torch  # noqa: E402
-
-from check import last_log_line  # noqa: E402
-from megatron_patch.training.pretrain import run  # noqa: E402
 
 
 def one_run(argv) -> dict:

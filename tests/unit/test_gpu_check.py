@@ -195,7 +195,7 @@ def test_machine_list_holds_the_machines_packages_and_not_what_is_carried():
 def test_prepared_command_fits_the_lent_machine():
     cmd = prepare_carry.command()
     assert len(cmd) <= prepare_carry.COMMAND_LIMIT
-    assert f"--no-index --no-deps" in cmd and f"{prepare_carry.CARRY}/*.whl" in cmd
+    assert "--no-index --no-deps" in cmd and f"{prepare_carry.CARRY}/*.whl" in cmd
     assert 'python3 tests/gpu/check.py "$OUT"' in cmd and "set -o pipefail" in cmd
     assert subprocess.run(["bash", "-n", "-c", cmd]).returncode == 0
 
