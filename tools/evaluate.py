@@ -124,10 +124,14 @@ def read_data(args, common: dict, seq: int):
     from megatron_patch.evaluation import inputs
 
     if args.data_path:
+        from megatron_patch.data_identity import read_tokenizer_identity
+
+        inputs.check_tokenizer(common.get("tokenizer_identity"), read_tokenizer_identity(args.data_path),
+                               f"the tokenizer {args.data_path} was made with")
         tokens = inputs.indexed_tokens(args.data_path)
     else:
         given = {k: getattr(args, k) for k in inputs.TOKENIZER_FLAGS}
-        tokenizer = inputs.build_tokenizer(common["args"], given, common["vocab_size"])
+        tokenizer = inputs.build_tokenizer(common["args"], given, common["vocab_size"], common.get("tokenizer_identity"))
         texts = [t[0] for t in iter_documents(args.input, [args.json_key], args.input_format)]
         if args.task == "lambada":
             examples, skipped, truncated = inputs.lambada_examples(texts, tokenizer, seq)

@@ -72,7 +72,7 @@ def lambada_examples(texts, tokenizer, seq_length: int):
     return examples, skipped, truncated
 
 
-def build_tokenizer(saved_args: dict, given: dict, vocab_size: int):
+def build_tokenizer(saved_args: dict, given: dict, vocab_size: int, saved_identity=None):
     """The tokenizer the checkpoint was trained with: its saved flags, each replaced by one given
     here (e.g. a moved --tokenizer-model), checked against the checkpoint's vocabulary size."""
     from megatron_patch.training import data
@@ -88,4 +88,18 @@ def build_tokenizer(saved_args: dict, given: dict, vocab_size: int):
     if tokenizer.vocab_size != vocab_size:
         raise SetupError(f"the tokenizer ({flags['tokenizer_type']}) has {tokenizer.vocab_size} ids, but the "
                          f"checkpoint was trained with {vocab_size}; pass the tokenizer it was trained with")
+    check_tokenizer(saved_identity, data.tokenizer_identity(SimpleNamespace(**flags), tokenizer), "this tokenizer")
     return tokenizer
+
+
+def check_tokenizer(saved_identity, identity, what: str) -> None:
+    """Refuse a tokenizer (or data made with one) that differs from the one the checkpoint was
+    trained with (its identity: type, size, sha256 of its files), even one of the same size: the
+    model would score other ids, and the perplexity would be meaningless. Checkpoints written
+    before identities were saved, and data without a record, pass."""
+    from megatron_patch.data_identity import identity_differences
+
+    differences = identity_differences(saved_identity, identity) if saved_identity and identity else []
+    if differences:
+        raise SetupError(f"{what} differs from the tokenizer the checkpoint was trained with "
+                         f"(the checkpoint's vs this: {'; '.join(differences)}); pass the run's tokenizer, or data made with it")

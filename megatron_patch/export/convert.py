@@ -99,7 +99,7 @@ def export_to_hf(load_dir: str, out_dir: str, step=None) -> dict:
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp.", dir=os.path.dirname(out_dir))
     try:
-        note = export_tokenizer(args, tmp, eod, args.max_position_embeddings)
+        note = export_tokenizer(args, tmp, eod, args.max_position_embeddings, common.get("tokenizer_identity"))
         make_config = gpt2_config if target == "gpt2" else llama.llama_config
         hf_config = make_config(config, args, dict(common, eod=eod), tied, extra=dict(folded=folded, tokenizer=note))
         hf_model = _model_class(target)(hf_config)

@@ -64,7 +64,7 @@ def check_ids(trainer_tokenizer, out_dir: str, eod: int, texts=PROBES) -> None:
                               f"{ours[:12]}; the tokenizer cannot be exported faithfully")
 
 
-def export_tokenizer(args, out_dir: str, eod: int, model_max_length: int = None) -> str:
+def export_tokenizer(args, out_dir: str, eod: int, model_max_length: int = None, saved_identity=None) -> str:
     kind = args.tokenizer_type
     if kind not in ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         return f"none ({kind}: synthetic token ids)"
@@ -74,6 +74,14 @@ def export_tokenizer(args, out_dir: str, eod: int, model_max_length: int = None)
         trainer = build_tokenizer(args)
     except Exception as exc:  # noqa: BLE001 - its files moved or are unreadable: name them
         raise ExportError(f"cannot read the checkpoint's tokenizer ({exc}); the export needs its files") from None
+    from megatron_patch.evaluation.inputs import check_tokenizer
+    from megatron_patch.training.data import tokenizer_identity
+    from megatron_patch.training.errors import SetupError
+
+    try:
+        check_tokenizer(saved_identity, tokenizer_identity(args, trainer), "the tokenizer at the run's paths")
+    except SetupError as exc:  # the file at that path was replaced since the run
+        raise ExportError(str(exc)) from None
     if kind == "GPT2BPETokenizer":
         _gpt2(args, out_dir)
         note = "gpt2_bpe"

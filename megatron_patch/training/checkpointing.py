@@ -150,6 +150,7 @@ def save_checkpoint(ctx, state) -> str:
         activation=activation_name(_config_of(ctx)),
         use_distributed_optimizer=args.use_distributed_optimizer,
         megatron_core_version=str(upstream.VERSION),
+        tokenizer_identity=getattr(args, "tokenizer_identity", None),  # checked by evaluate.py and the export
         has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )

@@ -186,6 +186,15 @@ def build_tokenizer(args):
         raise SetupError(f"tokenizer: {exc}") from None
 
 
+def tokenizer_identity(args, tokenizer) -> dict:
+    """Type, size and sha256 of the files of this run's tokenizer (megatron_patch.data_identity)."""
+    from megatron_patch import data_identity
+
+    return data_identity.tokenizer_identity(args.tokenizer_type, tokenizer.vocab_size,
+                                            tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                                            merge_file=args.merge_file)
+
+
 def check_vocabulary(args, tokenizer) -> None:
     """Refuse data made with another tokenizer: its recorded identity (<prefix>.tokenizer.json,
     written by tools/preprocess_data.py) must match this run's, and no id in the whole .bin may
@@ -197,9 +206,7 @@ def check_vocabulary(args, tokenizer) -> None:
 
     problem = ""
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        mine = data_identity.tokenizer_identity(args.tokenizer_type, tokenizer.vocab_size,
-                                                tokenizer_model=args.tokenizer_model,
-                                                vocab_file=args.vocab_file, merge_file=args.merge_file)
+        mine = tokenizer_identity(args, tokenizer)
         for prefix in _prefixes(args):
             saved = data_identity.read_tokenizer_identity(prefix)
             differences = data_identity.identity_differences(saved, mine) if saved else []

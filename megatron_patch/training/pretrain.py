@@ -37,6 +37,7 @@ def build(args, callbacks=None):
     shared_storage.prove_same_directories(args)  # a per-node --save would lose the run silently
     peers.start_heartbeat()  # so that a node lost mid-run is named, not just timed out
     tokenizer = data.build_tokenizer(args)
+    args.tokenizer_identity = data.tokenizer_identity(args, tokenizer)  # saved in checkpoints, for evaluate/export
     if not args.mock_data:
         data.check_vocabulary(args, tokenizer)
     padded = model_builder.padded_vocab_size(tokenizer.vocab_size, args)

@@ -284,3 +284,25 @@ def test_evaluate_refuses_an_output_json_that_is_a_directory(corpus, tmp_path, c
 
     assert evaluate.main(["--load", str(tmp_path), "--data-path", str(corpus), "--output-json", str(tmp_path)]) == 1
     assert f"--output-json {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_data_made_with_another_tokenizer_of_the_same_size(corpus, saved, tmp_path, capsys):
+    """The checkpoint records its tokenizer's identity; data made with another tokenizer of the same
+    size (another type or other files) would be scored as if it were the run's."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate
+
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(saved / "iter_0000004"))
+    assert common["tokenizer_identity"] == {"tokenizer_type": "NullTokenizer", "vocab_size": 201, "files_sha256": {}}
+    other = make_corpus(tmp_path / "other" / "text_document", num_docs=20)
+    with open(other + ".tokenizer.json", "w") as f:
+        json.dump({"tokenizer_type": "SentencePieceTokenizer", "vocab_size": 201,
+                   "files_sha256": {"tokenizer_model": "0" * 64}}, f)
+    assert evaluate.main(["--load", str(saved), "--data-path", other]) == 1
+    err = capsys.readouterr().err
+    assert f"the tokenizer {other} was made with differs from the tokenizer the checkpoint was trained with " \
+           "(the checkpoint's vs this: type NullTokenizer vs SentencePieceTokenizer)" in err, err
