@@ -291,10 +291,9 @@ def test_evaluate_refuses_data_made_with_another_tokenizer_of_the_same_size(corp
     size (another type or other files) would be scored as if it were the run's."""
     import json
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    import evaluate
-
     from megatron.core import dist_checkpointing
+
+    from tools import evaluate
 
     common = dist_checkpointing.load_common_state_dict(str(saved / "iter_0000004"))
     assert common["tokenizer_identity"] == {"tokenizer_type": "NullTokenizer", "vocab_size": 201, "files_sha256": {}}
