@@ -3,10 +3,13 @@ directory at the same path (a bind mount in node2's private mount namespace), th
 mistake that otherwise publishes a checkpoint holding one node's shards and exits 0."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
-from tests.multihost.test_torchrun import TINY, on_two_hosts, start_plain, wait_for_iteration
+from tests.multihost.test_torchrun import (ROOT, TINY, env, finish, start_on_two_hosts, start_plain,
+                                           wait_for_iteration)
 
 ERROR = "pretrain_gpt.py: error: "
 
@@ -16,12 +19,24 @@ def error_lines(log: str) -> list:
 
 
 @pytest.mark.slow
-def test_per_node_save_is_refused_at_start_up_in_one_line(two_hosts, tmp_path):
-    save, private = tmp_path / "ckpt", tmp_path / "node2-disk"
-    save.mkdir()
-    private.mkdir()
-    flags = TINY + ["--train-iters", "3", "--save", str(save), "--load", str(save)]
-    codes, logs = on_two_hosts(two_hosts, flags, tmp_path, "save", binds=((), ((private, save),)))
+def test_per_node_save_or_load_is_refused_at_start_up_in_one_line(two_hosts, tmp_path):
+    """--save: rank 0's nonce is not there on node2. --load (read-only, so no nonce): node2 sees no
+    checkpoint where node1 sees one. The two runs go side by side (own rendezvous ports)."""
+    save, load, elsewhere = tmp_path / "ckpt", tmp_path / "pretrained", tmp_path / "ckpt2"
+    private = {name: tmp_path / f"node2-disk-{name}" for name in ("save", "load")}
+    for d in (save, *private.values()):
+        d.mkdir()
+    made = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY, "--train-iters", "2", "--save", str(load)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]  # a checkpoint for --load, made on this machine
+    runs = {"save": start_on_two_hosts(two_hosts, TINY + ["--train-iters", "3", "--save", str(save), "--load", str(save)],
+                                       tmp_path, "save", port=29400, binds=((), ((private["save"], save),))),
+            "load": start_on_two_hosts(two_hosts, TINY + ["--train-iters", "4", "--save", str(elsewhere), "--load",
+                                                          str(load)],
+                                       tmp_path, "load", port=29401, binds=((), ((private["load"], load),)))}
+    results = {name: finish(procs, tmp_path, name) for name, procs in runs.items()}
+
+    codes, logs = results["save"]
     assert codes[0] != 0 and codes[1] != 0
     assert error_lines(logs[1]) == []  # only rank 0 prints it
     [line] = error_lines(logs[0])
@@ -29,22 +44,13 @@ def test_per_node_save_is_refused_at_start_up_in_one_line(two_hosts, tmp_path):
                         r"writes to .*; put it on storage every node mounts at that path .*", line), line
     assert not re.search(r"iteration\s+1/", logs[0] + logs[1])  # refused before any training
     assert sorted(p.name for p in save.iterdir()) == []  # lock and nonce removed, nothing written
-    assert sorted(p.name for p in private.iterdir()) == []
+    assert sorted(p.name for p in private["save"].iterdir()) == []
 
-
-@pytest.mark.slow
-def test_per_node_load_is_refused_at_start_up_in_one_line(two_hosts, tmp_path):
-    """--load (read-only, so no nonce) is compared: node2 sees no checkpoint where node1 sees one."""
-    load, private, save = tmp_path / "pretrained", tmp_path / "node2-disk", tmp_path / "ckpt"
-    private.mkdir()
-    codes, logs = on_two_hosts(two_hosts, TINY + ["--train-iters", "2", "--save", str(load)], tmp_path, "first")
-    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
-    flags = TINY + ["--train-iters", "4", "--save", str(save), "--load", str(load)]
-    codes, logs = on_two_hosts(two_hosts, flags, tmp_path, "load", binds=((), ((private, load),)))
+    codes, logs = results["load"]
     assert codes[0] != 0 and codes[1] != 0
     [line] = error_lines(logs[0])
     assert line.startswith(f"{ERROR}--load {load} on node2 (rank 1) does not hold what rank 0 (node1) sees"), line
-    assert not re.search(r"iteration\s+3/", logs[0] + logs[1])
+    assert not re.search(r"iteration\s+1/", logs[0] + logs[1])
 
 
 @pytest.mark.slow
