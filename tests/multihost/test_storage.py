@@ -29,11 +29,11 @@ def test_per_node_save_or_load_is_refused_at_start_up_in_one_line(two_hosts, tmp
     made = subprocess.run([sys.executable, "pretrain_gpt.py", *TINY, "--train-iters", "2", "--save", str(load)],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]  # a checkpoint for --load, made on this machine
-    runs = {"save": start_on_two_hosts(two_hosts, TINY + ["--train-iters", "3", "--save", str(save), "--load", str(save)],
-                                       tmp_path, "save", port=29400, binds=((), ((private["save"], save),))),
-            "load": start_on_two_hosts(two_hosts, TINY + ["--train-iters", "4", "--save", str(elsewhere), "--load",
-                                                          str(load)],
-                                       tmp_path, "load", port=29401, binds=((), ((private["load"], load),)))}
+    flags = {"save": TINY + ["--train-iters", "3", "--save", str(save), "--load", str(save)],
+             "load": TINY + ["--train-iters", "4", "--save", str(elsewhere), "--load", str(load)]}
+    runs = {name: start_on_two_hosts(two_hosts, flags[name], tmp_path, name, port=29400 + i,
+                                     binds=((), ((private[name], target),)))
+            for i, (name, target) in enumerate((("save", save), ("load", load)))}
     results = {name: finish(procs, tmp_path, name) for name, procs in runs.items()}
 
     codes, logs = results["save"]
