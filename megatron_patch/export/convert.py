@@ -67,9 +67,16 @@ def _check_output(out_dir: str) -> None:
 
 
 def _publish(tmp: str, out_dir: str) -> None:
-    """Put the finished export at out_dir, replacing an earlier export there."""
+    """Put the finished export at out_dir, replacing an earlier export there, but never a file
+    this export does not write (a user's notes, another model's weights): refused, tmp removed."""
     old = None
     if os.path.exists(out_dir):
+        theirs = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp)))
+        if theirs:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(f"--output {out_dir} holds files this export does not write ({', '.join(theirs[:5])}"
+                              f"{', ...' if len(theirs) > 5 else ''}), which replacing it would delete; choose a "
+                              "new or empty directory, or move them")
         old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old.", dir=os.path.dirname(out_dir))
         os.rmdir(old)
         os.replace(out_dir, old)

@@ -305,3 +305,19 @@ def test_evaluate_refuses_data_made_with_another_tokenizer_of_the_same_size(corp
     err = capsys.readouterr().err
     assert f"the tokenizer {other} was made with differs from the tokenizer the checkpoint was trained with " \
            "(the checkpoint's vs this: type NullTokenizer vs SentencePieceTokenizer)" in err, err
+
+
+def test_export_never_deletes_files_it_did_not_write(saved, tmp_path):
+    from megatron_patch.export import ExportError
+    from megatron_patch.export.convert import export_to_hf
+
+    out = tmp_path / "hf"
+    export_to_hf(str(saved), str(out))
+    before = sorted(os.listdir(out))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"holds files this export does not write \(notes.txt\)"):
+        export_to_hf(str(saved), str(out))
+    assert (out / "notes.txt").read_text() == "mine" and sorted(os.listdir(out)) == sorted(before + ["notes.txt"])
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary left
+    os.remove(out / "notes.txt")
+    export_to_hf(str(saved), str(out))  # an earlier export alone is replaced
