@@ -151,6 +151,7 @@ def save_checkpoint(ctx, state) -> str:
         use_distributed_optimizer=args.use_distributed_optimizer,
         megatron_core_version=str(upstream.VERSION),
         tokenizer_identity=getattr(args, "tokenizer_identity", None),  # checked by evaluate.py and the export
+        spike_detector=next((d.state_dict() for d in _spike_detectors(ctx)), None),
         has_optimizer=not args.no_save_optim, has_rng=not args.no_save_rng,
         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
@@ -158,6 +159,13 @@ def save_checkpoint(ctx, state) -> str:
         dist_checkpointing.save(sd, tmp, sharded_strategy=_save_strategy(args), content_metadata=metadata)
         publish(args.save, state.iteration)
     return final
+
+
+def _spike_detectors(ctx):
+    """The stability monitor's spike detectors: their windows travel with the checkpoint, so a
+    resumed run is not blind for --spike-min-history steps (OLMo-core checkpoints its monitor)."""
+    callbacks = getattr(getattr(ctx, "callbacks", None), "callbacks", None) or []
+    return [cb.detector for cb in callbacks if hasattr(cb, "detector")]
 
 
 def _config_of(ctx):
@@ -420,6 +428,10 @@ def load_checkpoint(ctx, state, header) -> bool:
         rng_notice = rng_state.restore(loaded["rng_state"], args.seed, args.data_parallel_random_init)
         if rng_notice and _rank0():
             print(f" > {rng_notice}", flush=True)
+    saved_windows = common.get("spike_detector")
+    for detector in _spike_detectors(ctx) if saved_windows and not args.finetune else []:
+        if not any(w.values for w in detector.windows.values()):  # a resume; a rollback keeps its own
+            detector.load_state_dict(saved_windows)
     if not args.finetune:
         state.iteration = common["iteration"]
         state.consumed_train_samples = common["consumed_train_samples"]

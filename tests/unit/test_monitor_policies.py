@@ -146,3 +146,14 @@ def test_spikes_are_skipped_in_bf16(corpus):
     ctx = run_inprocess(tiny_args("--train-iters", 24, "--bf16", *MONITOR, data=corpus), callbacks=[Inject([18], 1e3)])
     assert [h["iteration"] for h in ctx.history if h["skip_reason"]] == [18]
     assert [h["skip_reason"] for h in ctx.history if h["skip_reason"]] == [SKIP_MONITOR]
+
+
+def test_a_resumed_run_flags_a_spike_at_its_first_step_as_the_uninterrupted_run_does(corpus, tmp_path):
+    """The detector's window is saved with the checkpoint (else a resume is blind for
+    --spike-min-history steps)."""
+    argv = tiny_args("--train-iters", 16, *MONITOR, data=corpus)
+    full = run_inprocess(argv + ["--save", tmp_path, "--save-interval", 12], callbacks=[Inject([13], 1e3)])
+    resumed = run_inprocess(argv + ["--load", tmp_path, "--ckpt-step", 12], callbacks=[Inject([13], 1e3)])
+    for ctx in (full, resumed):
+        assert {e.iteration for e in monitor_of(ctx).spike_log} == {13}
+        assert [h["iteration"] for h in ctx.history if h["skip_reason"] == SKIP_MONITOR] == [13]
