@@ -91,8 +91,8 @@ rm -rf "$work"
 mkdir -p "$work/data" "$work/runs"
 chown "$run_as" "$work/data" "$work/runs" 2> /dev/null || [ "$run_as" = "$(id -u):$(id -g)" ] \
     || fail "cannot give $work to $run_as (run as root, or leave RUN_AS unset)"
-in_container() {  # docker run as run_as with the host's data/ and runs/ at /data and /runs
-    docker run --rm --user "$run_as" -v "$work/data:/data" -v "$work/runs:/runs" "${run_env[@]}" "$image" "$@"
+in_container() {  # docker run as run_as with the host's data/ and runs/ at /data and /runs (and stdin)
+    docker run --rm -i --user "$run_as" -v "$work/data:/data" -v "$work/runs:/runs" "${run_env[@]}" "$image" "$@"
 }
 
 step "2. main job: docker run --user $run_as -v $work/data:/data -v $work/runs:/runs -e OUT=/runs/quickstart -e DATA=/data/quickstart -e ITERS=$iters $image bash examples/quickstart.sh"
@@ -131,7 +131,7 @@ timed in_container env OMP_NUM_THREADS=1 python pretrain_gpt.py "${flags[@]}" --
     --exit-interval "$resume_at" > "$work/runs/resume-first.log" 2>&1 || fail "the first part (log: $work/runs/resume-first.log)"
 timed in_container env OMP_NUM_THREADS=1 python pretrain_gpt.py "${flags[@]}" --monitor-dir /runs/resume/second \
     --load /runs/resume/ckpt > "$work/runs/resume-second.log" 2>&1 || fail "the resumed part (log: $work/runs/resume-second.log)"
-in_container python - "$resume_at" "$iters" <<'PY' || fail "the resume is not exact"
+verdict=$(in_container python - "$resume_at" "$iters" <<'PY') || fail "the resume is not exact"
 import json
 import sys
 
@@ -151,6 +151,8 @@ last = full[iters]
 print(f"   steps {resume_at + 1}-{iters} after resuming equal the uninterrupted run's exactly "
       f"(loss and grad norm; step {iters}: loss {last[0]!r}, grad norm {last[1]!r})")
 PY
+echo "$verdict"
+[[ "$verdict" == *"after resuming equal"* ]] || fail "the resume check did not run"
 
 step "5. docker run --rm $image bash docker/build_check.sh"
 timed docker run --rm "${run_env[@]}" "$image" bash docker/build_check.sh || fail "docker/build_check.sh in the image"
