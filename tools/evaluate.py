@@ -131,7 +131,8 @@ def read_data(args, common: dict, seq: int):
         tokens = inputs.indexed_tokens(args.data_path)
     else:
         given = {k: getattr(args, k) for k in inputs.TOKENIZER_FLAGS}
-        tokenizer = inputs.build_tokenizer(common["args"], given, common["vocab_size"], common.get("tokenizer_identity"))
+        tokenizer = inputs.build_tokenizer(common["args"], given, common["vocab_size"],
+                                           common.get("tokenizer_identity"))
         texts = [t[0] for t in iter_documents(args.input, [args.json_key], args.input_format)]
         if args.task == "lambada":
             examples, skipped, truncated = inputs.lambada_examples(texts, tokenizer, seq)

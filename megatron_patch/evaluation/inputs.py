@@ -102,4 +102,5 @@ def check_tokenizer(saved_identity, identity, what: str) -> None:
     differences = identity_differences(saved_identity, identity) if saved_identity and identity else []
     if differences:
         raise SetupError(f"{what} differs from the tokenizer the checkpoint was trained with "
-                         f"(the checkpoint's vs this: {'; '.join(differences)}); pass the run's tokenizer, or data made with it")
+                         f"(the checkpoint's vs this: {'; '.join(differences)}); "
+                         "pass the run's tokenizer, or data made with it")
