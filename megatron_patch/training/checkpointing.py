@@ -222,7 +222,9 @@ def abandoned_on_failure(root, tmp):
     try:
         yield
     except BaseException as exc:
-        full = isinstance(exc, Exception) and _disk_full(root, exc)
+        # megatron-core 0.19's writer reports a failed write as torch's CheckpointException, a
+        # BaseException (upstream.load_errors); an interrupt is not a disk problem.
+        full = isinstance(exc, upstream.load_errors()) and _disk_full(root, exc)
         if _rank0():
             shutil.rmtree(tmp, ignore_errors=True)
         if full:
