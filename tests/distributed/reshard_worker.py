@@ -7,6 +7,7 @@ is loaded at this run's TP/PP through megatron-core's resharding and written bac
 """
 
 import json
+import os
 import sys
 import warnings
 
@@ -19,6 +20,7 @@ from megatron_patch.training.pretrain import build  # noqa: E402
 if __name__ == "__main__":
     for argv in json.loads(open(sys.argv[1]).read()):
         args = parse_and_validate(argv)
+        os.makedirs(args.save, exist_ok=True)  # as run()'s save_dir.prepare does before build()
         ctx, state, iters = build(args)
         assert ctx.resumed, "nothing loaded"
         checkpointing.save_checkpoint(ctx, state)
