@@ -13,6 +13,15 @@ extras="${1:-dev}"
 venv="${VENV:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
+# Done before with the same setup.py, extras and checkout: nothing to install (a second run, e.g.
+# the main job run again, costs a second instead of pip's minute and needs no package index).
+stamp="$venv/.megatron_patch_setup"
+want="$(cat setup.py tools/setup_env.sh | sha256sum | cut -c1-16) $extras $PWD"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import megatron_patch, torch" 2>/dev/null; then
+    echo "environment ready: $venv (unchanged since its set-up)"
+    exit 0
+fi
+rm -f "$stamp"
 pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
 
 if ! "$py" -c "import torch" 2>/dev/null; then
@@ -35,4 +44,5 @@ case ",$extras," in
         pip_extras="$(echo ",$extras," | sed 's/,deepspeed,/,/g; s/^,//; s/,$//')" ;;
 esac
 pip_install -e ".${pip_extras:+[$pip_extras]}"
+echo "$want" > "$stamp"
 echo "environment ready: $venv ($("$py" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"
