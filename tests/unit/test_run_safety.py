@@ -224,6 +224,9 @@ def test_ctrl_c_with_the_exit_signal_handler_saves_and_stops(corpus, tmp_path, w
 
 @pytest.mark.parametrize("when", ["save", "evaluation"])
 def test_ctrl_c_without_the_handler_stops_in_one_line_and_leaves_no_tmp(corpus, tmp_path, capsys, monkeypatch, when):
+    # A shell's background job (CI) starts with SIGINT ignored, and Python then installs no Ctrl-C
+    # handler: give the process the one an interactive user's has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from megatron.core import dist_checkpointing
 
     from megatron_patch.training.pretrain import main
