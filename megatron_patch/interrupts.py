@@ -7,6 +7,7 @@
 - `run_main(prog, main)`: SIGINT raises KeyboardInterrupt again, so the code's own clean-up runs
   (a checkpoint being written removes its .tmp, a preprocess its temporaries); main's return
   value, or one line and 130.
+- `ExitSignalHandler`: --exit-signal-handler, SIGTERM or SIGINT saves and stops after the step.
 Imports nothing heavy: it runs before torch is imported.
 """
 
@@ -38,3 +39,22 @@ def run_main(prog: str, main, *args) -> int:
         if _rank0():
             print(f"{prog}: interrupted (Ctrl-C); stopped", file=sys.stderr, flush=True)
         return INTERRUPTED
+
+
+class ExitSignalHandler:
+    """--exit-signal-handler: records SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) in
+    `pending`; the loop turns it into save-and-exit on every rank, after the current step (or
+    evaluation). A second Ctrl-C while one is pending interrupts at once, as without the flag."""
+
+    def __init__(self, sigs=(signal.SIGTERM, signal.SIGINT)):
+        self.pending = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in sigs}
+
+    def _handle(self, signum, frame):
+        if self.pending and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

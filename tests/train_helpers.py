@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,15 @@ def one_error_line(capsys, argv):
     assert code == 1
     assert len(err) == 1 and err[0].startswith("pretrain_gpt.py: error: "), err
     return err[0]
+
+
+def wait_for(pattern, path: Path, timeout=240.0, what=""):
+    """The first match of `pattern` in the file at `path` (a log being written), polled until `timeout`."""
+    deadline, text = time.time() + timeout, ""
+    while time.time() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        match = re.search(pattern, text)
+        if match:
+            return match
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what or pattern}; log:\n{text[-3000:]}")

@@ -15,7 +15,7 @@ import json
 import os
 
 from megatron_patch.training import checkpointing as ckpt
-from megatron_patch.training import rng_state
+from megatron_patch.training import load_failures, rng_state
 from megatron_patch.training.errors import SetupError
 
 FORMAT = "megatron_patch.deepspeed"
@@ -92,7 +92,8 @@ def load_checkpoint(ctx, state, header) -> bool:
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
-        raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: {ckpt._first_line(exc)}") from None
+        raise SetupError(f"cannot load checkpoint {path}: {type(exc).__name__}: "
+                         f"{load_failures.first_line(exc)}") from None
     rng_notice = rng_state.restore(client[CLIENT_KEY]["rng_state"], ctx.args.seed, ctx.args.data_parallel_random_init)
     if rng_notice and ckpt._rank0():
         print(f" > {rng_notice}", flush=True)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from megatron_patch import upstream
-from megatron_patch.training import checkpoint_keys, checkpointing
+from megatron_patch.training import checkpoint_keys, checkpointing, load_failures
 from megatron_patch.training.errors import SetupError
 
 # Layout-specific flags replaced by one process holding the whole model.
@@ -92,7 +92,7 @@ def load_model(load_dir: str, step=None):
     except SetupError:
         raise
     except upstream.load_errors() as exc:  # noqa: BLE001
-        raise SetupError(f"cannot load {path}: {checkpointing.describe_load_failure(exc)}") from None
+        raise SetupError(f"cannot load {path}: {load_failures.describe(exc)}") from None
     if notes:
         print(checkpoint_keys.notice(path, notes), file=sys.stderr, flush=True)
     return model.float().eval(), args, common

@@ -18,13 +18,12 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
 
 import torch
 
 from megatron_patch import upstream
 
-from . import checkpoint_keys, optimizer, rng_state, shared_storage
+from . import checkpoint_keys, load_failures, optimizer, rng_state, shared_storage
 from .checkpoint_names import TRACKER
 from .errors import SetupError
 from .model_builder import activation_name, model_flag_differences, padded_vocab_size_on_resume, unwrap
@@ -336,7 +335,7 @@ def read_common_state(path: str, if_deepspeed: str) -> dict:
     try:
         common = upstream.load_common_state(path)
     except upstream.load_errors() as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise SetupError(f"unreadable checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None
+        raise SetupError(f"unreadable checkpoint {path}: {load_failures.explain(exc, path)}") from None
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
         raise SetupError(f"{path} is not a checkpoint written by megatron_patch's trainer")
     if not upstream.can_load_checkpoint_from(upstream.common_state_location(path)):
@@ -416,14 +415,14 @@ def load_checkpoint(ctx, state, header) -> bool:
         if load_optim:
             dopt_fix.load_state_dict(ctx.optimizer, loaded["optimizer"],
                                      keep_saved_schedule=args.use_checkpoint_opt_param_scheduler)
-            _refuse_another_schedule(args, ctx.scheduler, loaded["opt_param_scheduler"], path)
+            optimizer.refuse_another_schedule(args, ctx.scheduler, loaded["opt_param_scheduler"], path)
             ctx.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     except SetupError:
         raise
     except upstream.load_errors() as exc:  # noqa: BLE001
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
-        raise SetupError(f"cannot load checkpoint {path}: {describe_load_failure(exc)}{_earlier_hint(path)}") from None
+        raise SetupError(f"cannot load checkpoint {path}: {load_failures.explain(exc, path)}") from None
     if _rank0() and notes:
         print(checkpoint_keys.notice(path, notes), flush=True)
     if load_rng:
@@ -442,65 +441,3 @@ def load_checkpoint(ctx, state, header) -> bool:
         print(f" > loaded checkpoint {path} (iteration {common['iteration']}, "
               f"optimizer {'yes' if load_optim else 'no'}, rng {'yes' if load_rng else 'no'})", flush=True)
     return True
-
-
-def _refuse_another_schedule(args, scheduler, saved: dict, path) -> None:
-    """One line where megatron-core's scheduler would assert on a schedule value that changed."""
-    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
-        return
-    differ = optimizer.schedule_mismatches(scheduler, saved)
-    if differ:
-        named = ", ".join(f"{key} {ours} here, {theirs} in the checkpoint" for key, ours, theirs in differ)
-        raise SetupError(f"checkpoint {path}: this run's lr schedule differs from the checkpoint's ({named}); "
-                         "resume with the checkpoint's --train-iters / --lr-decay-iters / --lr-warmup-iters / "
-                         "--lr, or pass --override-opt_param-scheduler to use this run's")
-
-
-def describe_load_failure(exc) -> str:
-    """One line for a failed load: torch's CheckpointException only says which ranks failed, so
-    name the first rank's own exception (a truncated .distcp, a missing shard, ...)."""
-    failures = getattr(exc, "failures", None)
-    if failures:
-        rank, wrapped = sorted(failures.items())[0]
-        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
-        if isinstance(inner, EOFError):
-            return f"rank {rank}: a tensor file (.distcp) ended early: truncated (EOFError)"
-        if "metadata read failed" in str(inner):  # how torch.distributed.checkpoint reports a bad .metadata
-            return (f"its .metadata or common state is truncated or corrupt "
-                    f"({type(inner).__name__}: {_first_line(inner)})")
-        return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
-    if type(exc).__name__ in ("UnpicklingError", "EOFError"):
-        return f"its .metadata or common state is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"
-    return f"{type(exc).__name__}: {_first_line(exc)}"
-
-
-def _earlier_hint(path) -> str:
-    """'; earlier checkpoints: 2, 4 (--ckpt-step N)' when the same directory has others."""
-    root, name = os.path.split(path.rstrip("/"))
-    others = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit()
-                    and d != name)
-    return f"; earlier checkpoints: {', '.join(map(str, others))} (resume one with --ckpt-step N)" if others else ""
-
-
-def _first_line(exc):
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
-
-
-class ExitSignalHandler:
-    """--exit-signal-handler: records SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) in
-    `pending`; the loop turns it into save-and-exit on every rank, after the current step (or
-    evaluation). A second Ctrl-C while one is pending interrupts at once, as without the flag."""
-
-    def __init__(self, sigs=(signal.SIGTERM, signal.SIGINT)):
-        self.pending = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in sigs}
-
-    def _handle(self, signum, frame):
-        if self.pending and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.pending = True
-
-    def restore(self):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)

@@ -200,3 +200,15 @@ def schedule_mismatches(scheduler, saved: dict) -> list:
     """(key, this run's value, the checkpoint's value) for each schedule value that differs."""
     return [(key, getattr(scheduler, key), saved[key]) for key in SCHEDULE_KEYS
             if key in saved and hasattr(scheduler, key) and getattr(scheduler, key) != saved[key]]
+
+
+def refuse_another_schedule(args, scheduler, saved: dict, path) -> None:
+    """One line where megatron-core's scheduler would assert on a schedule value that changed."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    differ = schedule_mismatches(scheduler, saved)
+    if differ:
+        named = ", ".join(f"{key} {ours} here, {theirs} in the checkpoint" for key, ours, theirs in differ)
+        raise SetupError(f"checkpoint {path}: this run's lr schedule differs from the checkpoint's ({named}); "
+                         "resume with the checkpoint's --train-iters / --lr-decay-iters / --lr-warmup-iters / "
+                         "--lr, or pass --override-opt_param-scheduler to use this run's")

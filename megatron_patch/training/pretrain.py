@@ -3,6 +3,7 @@
 import os
 import sys
 
+from megatron_patch import interrupts
 from megatron_patch.interrupts import INTERRUPTED
 
 from .arguments import parse_and_validate
@@ -91,7 +92,7 @@ def run(argv=None, callbacks=None):
     """Train as pretrain_gpt.py would; returns the TrainContext (losses in ctx.history).
     `callbacks` (see callbacks.py) are called before those the flags ask for (the stability
     monitor), so a test can inject a fault that the monitor must then catch."""
-    from . import checkpointing, child_processes, initialize, peers, save_dir
+    from . import child_processes, initialize, peers, save_dir
     from .loop import train
     from .rollback import ensure_rollback_point, make_rollback_fn
 
@@ -104,7 +105,7 @@ def run(argv=None, callbacks=None):
         print(f" > {args.save}: {lock.notice}", flush=True)
     try:
         # Installed first: a SIGTERM during set-up then stops the run after its first step.
-        handler = checkpointing.ExitSignalHandler() if args.exit_signal_handler else None
+        handler = interrupts.ExitSignalHandler() if args.exit_signal_handler else None
         ctx, state, iters = build(args, callbacks)
         if iters["train"] is None and not args.skip_train and args.train_iters > 0:
             raise SetupError("the training split is empty")

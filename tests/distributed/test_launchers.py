@@ -13,6 +13,7 @@ import pytest
 
 from megatron_patch.training import dry_run
 from tests.conftest import free_port
+from tests.train_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["examples/torchrun_pretrain.sh", "examples/paper/pretrain.sh", "examples/slurm/pretrain.sbatch",
@@ -96,17 +97,6 @@ def slurm(tmp_path):
         yield env(SLURM_CONF=str(state / "slurm.conf"))
     finally:
         subprocess.run(["bash", "tests/slurm/start.sh", "--state-dir", str(state), "--stop"], cwd=ROOT, timeout=60)
-
-
-def wait_for(pattern, path: Path, timeout=240.0, what=""):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        match = re.search(pattern, text)
-        if match:
-            return match
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what or pattern}; log:\n{text[-3000:]}")
 
 
 def release_requeued(job, slurm_env, timeout=180.0):

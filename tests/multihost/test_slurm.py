@@ -3,7 +3,6 @@ with the srun launcher (DP over the nodes) and the torchrun launcher (TP over th
 the losses of the same run as two processes on one host; scancel mid-run leaves a complete
 checkpoint (both nodes' shards) from which a new job resumes."""
 
-import re
 import time
 
 import pytest
@@ -12,20 +11,9 @@ from tests.multihost.conftest import required
 from tests.multihost.hosts import IFNAME
 from tests.multihost.slurm import TwoNodeSlurm, why_no_slurm
 from tests.multihost.test_torchrun import ROOT, TINY, env, losses, one_host
+from tests.train_helpers import wait_for
 
 ITERS = 6
-
-
-def wait_for(pattern, path, timeout=240.0, what="", slurm=None, job=None):
-    deadline = time.time() + timeout
-    text = ""
-    while time.time() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        match = re.search(pattern, text)
-        if match:
-            return match
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what or pattern}; log:\n{text[-3000:]}")
 
 
 def wait_done(slurm, job, timeout=300.0) -> str:
