@@ -18,13 +18,14 @@ import sys
 INTERRUPTED = 130
 
 
-def _rank0() -> bool:
+def is_rank0() -> bool:
+    """Rank 0 by the launcher's RANK: answers before torch.distributed is up (one line per run)."""
     return os.environ.get("RANK", "0") == "0"
 
 
 def during_startup(prog: str) -> None:
     def _exit(signum, frame):
-        if _rank0():
+        if is_rank0():
             print(f"{prog}: interrupted (Ctrl-C) during start-up; nothing was written", file=sys.stderr, flush=True)
         os._exit(INTERRUPTED)
 
@@ -36,7 +37,7 @@ def run_main(prog: str, main, *args) -> int:
     try:
         return main(*args)
     except KeyboardInterrupt:
-        if _rank0():
+        if is_rank0():
             print(f"{prog}: interrupted (Ctrl-C); stopped", file=sys.stderr, flush=True)
         return INTERRUPTED
 

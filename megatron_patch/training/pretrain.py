@@ -1,6 +1,5 @@
 """parse -> build -> train: what pretrain_gpt.py runs. `run()` raises SetupError, `main()` prints it."""
 
-import os
 import sys
 
 from megatron_patch import interrupts
@@ -10,10 +9,6 @@ from .arguments import parse_and_validate
 from .callbacks import CallbackList
 from .errors import SetupError, TrainingDiverged
 from .peers import PeerLost
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _checkpoints(args):
@@ -100,7 +95,7 @@ def run(argv=None, callbacks=None):
     child_processes.die_with_parent()  # forked checkpoint writers and loaders must not outlive us
     callbacks = list(callbacks or []) + callbacks_from_args(args)
     handler, iters, ctx, keep_beating = None, {}, None, False
-    lock = save_dir.prepare(args) if _is_rank0() else None  # before any heavy work
+    lock = save_dir.prepare(args) if interrupts.is_rank0() else None  # before any heavy work
     if lock is not None and lock.notice:
         print(f" > {args.save}: {lock.notice}", flush=True)
     try:
@@ -158,11 +153,11 @@ def main(argv=None, callbacks=None) -> int:
     try:
         run(argv, callbacks)
     except (SetupError, TrainingDiverged) as exc:
-        if _is_rank0():
+        if interrupts.is_rank0():
             print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler (a save under way removed its .tmp)
-        if _is_rank0():
+        if interrupts.is_rank0():
             print("pretrain_gpt.py: interrupted (Ctrl-C): stopped without saving; --load resumes from the last "
                   "checkpoint, and --exit-signal-handler makes Ctrl-C save one first", file=sys.stderr, flush=True)
         return INTERRUPTED
